@@ -1,0 +1,267 @@
+"""BIDS input discovery and BIDS-Derivatives output names."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import __version__
+from ._io import write_json, write_tsv
+
+__all__ = [
+    "BIDSError", "SessionInputs", "find_subjects", "find_sessions", "read_sessions_tsv",
+    "check_subject", "check_output_dir", "deriv_path", "write_dataset_description",
+    "write_run_status", "MODALITY_FILES",
+]
+
+
+class BIDSError(ValueError):
+    """The input dataset is not laid out as BIDS expects."""
+
+
+# modality key -> (datatype, BIDS filename tail after sub-X_ses-Y_)
+MODALITY_FILES = {
+    "FLAIR": ("anat", "FLAIR.nii.gz"),
+    "T2w": ("anat", "T2w.nii.gz"),
+    "T1w": ("anat", "T1w.nii.gz"),
+    "ceT1w": ("anat", "ce-gadolinium_T1w.nii.gz"),
+    "dwi": ("dwi", "dwi.nii.gz"),
+    "ADC": ("dwi", "ADC.nii.gz"),
+}
+
+
+@dataclass
+class SessionInputs:
+    """The input files of one session (absent modalities are missing from ``files``)."""
+
+    subject: str
+    session: str                      # label without "ses-"
+    files: dict = field(default_factory=dict)
+    bval: Path | None = None
+    bvec: Path | None = None
+
+    @property
+    def session_id(self) -> str:
+        return f"ses-{self.session}"
+
+    @property
+    def reference(self) -> str | None:
+        """The session reference modality: FLAIR, else T2w."""
+        return "FLAIR" if "FLAIR" in self.files else ("T2w" if "T2w" in self.files else None)
+
+
+def _label(x: str, prefix: str) -> str:
+    x = str(x)
+    return x[len(prefix):] if x.startswith(prefix) else x
+
+
+def find_subjects(bids_dir, participant_labels=None) -> list[str]:
+    """Subject labels (without ``sub-``) in ``bids_dir``, optionally filtered."""
+    bids_dir = Path(bids_dir)
+    if not bids_dir.is_dir():
+        raise BIDSError(f"{bids_dir}: BIDS directory does not exist")
+    found = sorted(p.name[4:] for p in bids_dir.glob("sub-*") if p.is_dir())
+    if participant_labels:
+        wanted = [_label(lbl, "sub-") for lbl in participant_labels]
+        missing = [w for w in wanted if w not in found]
+        if missing:
+            raise BIDSError(f"{bids_dir}: participant label(s) not found: "
+                            f"{', '.join(missing)}; available: {', '.join(found) or 'none'}")
+        found = [f for f in found if f in wanted]
+    if not found:
+        raise BIDSError(f"{bids_dir}: no sub-* folders found; is this a BIDS dataset?")
+    return found
+
+
+def find_sessions(bids_dir, subject, session_labels=None) -> list[SessionInputs]:
+    """Every session of ``subject`` with the files it has, in label order.
+
+    A subject without ``ses-*`` folders is treated as one session labelled ``1``
+    (files directly under ``sub-<s>/anat``).
+    """
+    subject = _label(subject, "sub-")
+    sdir = Path(bids_dir) / f"sub-{subject}"
+    if not sdir.is_dir():
+        raise BIDSError(f"{sdir}: subject folder does not exist")
+    sess_dirs = sorted(p for p in sdir.glob("ses-*") if p.is_dir())
+    out = []
+    if not sess_dirs:
+        sess_dirs = [sdir]
+    for d in sess_dirs:
+        ses = d.name[4:] if d.name.startswith("ses-") else "1"
+        if session_labels and ses not in [_label(s, "ses-") for s in session_labels]:
+            continue
+        prefix = f"sub-{subject}_ses-{ses}_" if d != sdir else f"sub-{subject}_"
+        si = SessionInputs(subject, ses)
+        for mod, (dtype, tail) in MODALITY_FILES.items():
+            p = d / dtype / (prefix + tail)
+            if p.exists():
+                si.files[mod] = p
+        if "dwi" in si.files:
+            base = str(si.files["dwi"])[: -len(".nii.gz")]
+            si.bval = Path(base + ".bval")
+            si.bvec = Path(base + ".bvec")
+        out.append(si)
+    return out
+
+
+def read_sessions_tsv(bids_dir, subject, sessions: list[SessionInputs] | None = None) -> pd.DataFrame:
+    """``sub-<s>_sessions.tsv`` as a DataFrame sorted by time.
+
+    Missing file: the sessions found on disk, in label order, with empty acq_time
+    (a warning is for the caller). An unparseable ``acq_time`` raises
+    :class:`BIDSError` naming the file, row and value. Sessions listed in the table
+    but absent on disk are dropped; sessions on disk but not in the table are
+    appended with empty acq_time.
+    """
+    subject = _label(subject, "sub-")
+    path = Path(bids_dir) / f"sub-{subject}" / f"sub-{subject}_sessions.tsv"
+    sessions = sessions if sessions is not None else find_sessions(bids_dir, subject)
+    on_disk = [s.session_id for s in sessions]
+    if path.exists():
+        try:
+            df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+        except Exception as exc:
+            raise BIDSError(f"{path}: cannot be read as TSV ({exc})") from None
+        if "session_id" not in df.columns:
+            raise BIDSError(f"{path}: has no 'session_id' column (columns: {', '.join(df.columns)})")
+        df["session_id"] = ["ses-" + _label(s, "ses-") for s in df["session_id"]]
+    else:
+        df = pd.DataFrame({"session_id": on_disk})
+    if "acq_time" not in df.columns:
+        df["acq_time"] = ""
+    df = df[df["session_id"].isin(on_disk)].copy()
+    extra = [s for s in on_disk if s not in set(df["session_id"])]
+    if extra:
+        df = pd.concat([df, pd.DataFrame({"session_id": extra, "acq_time": ""})], ignore_index=True)
+    df = df.fillna("")
+    txt = df["acq_time"].astype(str).str.strip().replace({"n/a": ""})
+    parsed = pd.to_datetime(txt.where(txt != ""), errors="coerce", format="ISO8601")
+    bad = (txt != "") & parsed.isna()
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise BIDSError(f"{path}: acq_time '{txt.iloc[row]}' of {df['session_id'].iloc[row]} is not an "
+                        "ISO 8601 date-time (e.g. 2020-03-01T09:30:00)")
+    df["acq_time"] = txt
+    df["_t"] = parsed
+    # time order when every session has a date; otherwise label order
+    if parsed.notna().all():
+        df = df.sort_values(["_t", "session_id"], kind="stable")
+    else:
+        df = df.sort_values("session_id", kind="stable")
+    df = df.drop(columns="_t").reset_index(drop=True)
+    # numeric clinical columns (edss, ...) become numbers where they parse
+    for col in df.columns:
+        if col in ("session_id", "acq_time"):
+            continue
+        num = pd.to_numeric(df[col].replace({"n/a": "", "": None}), errors="coerce")
+        if df[col].replace({"n/a": ""}).ne("").sum() == num.notna().sum():
+            df[col] = num
+    return df
+
+
+def check_subject(bids_dir, subject, session_labels=None) -> list[str]:
+    """Input problems of one subject, without reading image data (empty when fine)."""
+    problems = []
+    try:
+        sessions = find_sessions(bids_dir, subject, session_labels)
+    except BIDSError as exc:
+        return [str(exc)]
+    if not sessions:
+        return [f"sub-{_label(subject, 'sub-')}: no sessions found"]
+    for s in sessions:
+        if s.reference is None:
+            problems.append(f"sub-{s.subject} {s.session_id}: neither FLAIR nor T2w found "
+                            f"(expected e.g. {Path(bids_dir) / f'sub-{s.subject}' / s.session_id / 'anat' / f'sub-{s.subject}_{s.session_id}_FLAIR.nii.gz'}); this session is skipped")
+        for mod, p in s.files.items():
+            if p.stat().st_size == 0:
+                problems.append(f"{p}: file is empty")
+        if "dwi" in s.files and not (s.bval.exists() and s.bvec.exists()) and "ADC" not in s.files:
+            problems.append(f"{s.files['dwi']}: missing .bval/.bvec beside it; diffusion measures are skipped")
+    try:
+        read_sessions_tsv(bids_dir, subject, sessions)
+    except BIDSError as exc:
+        problems.append(str(exc))
+    return problems
+
+
+def check_output_dir(bids_dir, output_dir) -> None:
+    """Refuse an output folder equal to the input or inside its subject folders."""
+    b = Path(bids_dir).resolve()
+    o = Path(output_dir).resolve()
+    if o == b:
+        raise BIDSError(f"OUTPUT_DIR {output_dir} is the BIDS input folder; use e.g. "
+                        f"{Path(bids_dir) / 'derivatives' / 'lesiontrack'}")
+    try:
+        rel = o.relative_to(b)
+    except ValueError:
+        return
+    if rel.parts and rel.parts[0].startswith("sub-"):
+        raise BIDSError(f"OUTPUT_DIR {output_dir} lies inside the subject folder {b / rel.parts[0]} of "
+                        "the input dataset; the input is never written to")
+
+
+def deriv_path(output_dir, subject, session=None, datatype="anat", *, space=None, desc=None,
+               label=None, suffix, ext=".nii.gz", ce=None, extra: str = "") -> Path:
+    """A BIDS-Derivatives path: ``sub-<s>/ses-<t>/<datatype>/sub-<s>_ses-<t>[_ce-][_space-][_desc-|_label-]_<suffix>``."""
+    parts = [f"sub-{subject}"]
+    if session is not None:
+        parts.append(f"ses-{_label(session, 'ses-')}")
+    if ce:
+        parts.append(f"ce-{ce}")
+    if extra:
+        parts.append(extra)
+    if space:
+        parts.append(f"space-{space}")
+    if label:
+        parts.append(f"label-{label}")
+    if desc:
+        parts.append(f"desc-{desc}")
+    name = "_".join(parts) + f"_{suffix}{ext}"
+    folder = Path(output_dir) / f"sub-{subject}"
+    if session is not None:
+        folder = folder / f"ses-{_label(session, 'ses-')}" / datatype
+    return folder / name
+
+
+def write_dataset_description(output_dir) -> Path:
+    desc = {
+        "Name": "lesiontrack derivatives",
+        "BIDSVersion": "1.9.0",
+        "DatasetType": "derivative",
+        "GeneratedBy": [{"Name": "lesiontrack", "Version": __version__,
+                         "CodeURL": "https://github.com/lesiontrack/lesiontrack"}],
+    }
+    out = Path(output_dir)
+    write_json(out / "dataset_description.json", desc)
+    write_tsv(out / "desc-lesions_dseg.tsv",
+              pd.DataFrame({"index": [0], "name": ["background"],
+                            "description": ["Lesion ID maps: every value >0 is one lesion, the same value "
+                                            "for the same lesion at every session (see sub-<s>_desc-lesions_stats.tsv)"]}))
+    write_tsv(out / "desc-change_dseg.tsv",
+              pd.DataFrame({"index": [0, 1, 2], "name": ["unchanged", "new", "resolved"],
+                            "description": ["no change since the previous session",
+                                            "became lesion since the previous session",
+                                            "stopped being lesion since the previous session"]}))
+    return out / "dataset_description.json"
+
+
+def write_run_status(output_dir, rows) -> Path:
+    df = pd.DataFrame(rows, columns=["participant_id", "status", "message"])
+    df["message"] = df["message"].astype(str).str.replace(r"[\t\n\r]+", " ", regex=True)
+    return write_tsv(Path(output_dir) / "run_status.tsv", df)
+
+
+_SUB_RE = re.compile(r"^[A-Za-z0-9]+$")
+
+
+def valid_label(label: str) -> bool:
+    return bool(_SUB_RE.match(label))
+
+
+def sidecar(path, columns: dict) -> Path:
+    """Write the JSON sidecar describing a TSV's columns."""
+    return write_json(Path(str(path)[: -len(".tsv")] + ".json"), columns)

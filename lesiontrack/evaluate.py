@@ -1,0 +1,177 @@
+"""Score a lesiontrack run against the phantom's ground truth.
+
+The individual space of a run is arbitrary (unbiased between visits), so every
+comparison goes through the transforms: the run's ``individual -> image`` maps and
+the truth's ``world -> image`` maps. Lesion masks are compared on the truth's world
+grid (the run's mask carried there through each session's reference image);
+registration error is measured image-to-image (each contrast against the first
+session's reference), which does not depend on the choice of either space.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import bids, metrics, sitk_bridge
+from .image import load_image
+
+__all__ = ["evaluate_run", "format_scores"]
+
+_MODS = {"FLAIR": ("anat", None, "FLAIR"), "T2w": ("anat", None, "T2w"), "T1w": ("anat", None, "T1w"),
+         "ceT1w": ("anat", "gadolinium", "T1w"), "dwi": ("dwi", None, "dwi")}
+
+
+def _find(root: Path, pattern: str) -> Path | None:
+    hits = sorted(root.rglob(pattern))
+    return hits[0] if hits else None
+
+
+def _xfm_name(subject, session, mod, to):
+    _, ce, suffix = _MODS[mod]
+    ce_part = f"_ce-{ce}" if ce else ""
+    return f"sub-{subject}_{session}{ce_part}_from-{suffix}_to-{to}_mode-image_xfm.txt"
+
+
+def _brain_points(world, n=4000, seed=0):
+    data = world.data
+    thr = np.percentile(data[data > 0], 30) if np.any(data > 0) else 0
+    ijk = np.argwhere(data > thr)
+    rng = np.random.default_rng(seed)
+    ijk = ijk[rng.choice(len(ijk), size=min(n, len(ijk)), replace=False)]
+    return sitk_bridge.ras_to_lps_points(world.world_coords(ijk))
+
+
+def evaluate_subject(output_dir, truth_dir, bids_dir, subject, min_volume_mm3=10.0) -> dict:
+    out, tdir = Path(output_dir), Path(truth_dir) / f"sub-{subject}"
+    world_path = _find(tdir, f"sub-{subject}_space-world_T1w.nii.gz")
+    if world_path is None:
+        raise FileNotFoundError(f"{tdir}: no sub-{subject}_space-world_T1w.nii.gz (phantom truth grid)")
+    world = load_image(world_path)
+    sessions = list(bids.read_sessions_tsv(bids_dir, subject)["session_id"])
+    pts = _brain_points(world)
+    est, true = {}, {}
+    for ses in sessions:
+        for mod, (dtype, _, _) in _MODS.items():
+            pe = bids.deriv_path(out, subject, ses, dtype).parent / _xfm_name(subject, ses, mod, "individual")
+            pt = _find(tdir, _xfm_name(subject, ses, mod, "world"))
+            if pe.exists() and pt is not None:
+                est[ses, mod] = sitk_bridge.read_transform(pe)
+                true[ses, mod] = sitk_bridge.read_transform(pt)
+    s0 = sessions[0]
+    ref0 = "FLAIR" if (s0, "FLAIR") in est else "T2w"
+    # points in the first reference image; est/true maps ref0 -> (s, m)
+    pts_ref0 = sitk_bridge.transform_points(true[s0, ref0], pts)
+    reg_rows = []
+    inv_e0, inv_t0 = sitk_bridge.inverse(est[s0, ref0]), sitk_bridge.inverse(true[s0, ref0])
+    for (ses, mod), te in est.items():
+        if (ses, mod) == (s0, ref0):
+            continue
+        e = sitk_bridge.compose(inv_e0, te)
+        t = sitk_bridge.compose(inv_t0, true[ses, mod])
+        r = metrics.registration_error(e, t, pts_ref0)
+        reg_rows.append({"session_id": ses, "modality": mod, **r})
+    reg = pd.DataFrame(reg_rows)
+
+    seg_rows = []
+    spacing = world.spacing
+    for ses in sessions:
+        ref = "FLAIR" if (ses, "FLAIR") in est else "T2w"
+        # world point -> ref image point (truth) -> individual point (inverse of estimate)
+        w2i = sitk_bridge.compose(true[ses, ref], sitk_bridge.inverse(est[ses, ref]))
+        tl = _find(tdir, f"sub-{subject}_{ses}_space-world_desc-lesions_dseg.nii.gz")
+        row = {"session_id": ses}
+        for label, tname in (("lesion", None), ("restricted", "restricted"), ("blackhole", "blackhole"),
+                             ("enhancing", "enhancing")):
+            pred_p = bids.deriv_path(out, subject, ses, "anat", space="individual", label=label, suffix="mask")
+            truth_p = tl if tname is None else _find(tdir, f"sub-{subject}_{ses}_space-world_label-{tname}_mask.nii.gz")
+            if not pred_p.exists() or truth_p is None:
+                continue
+            truth = load_image(truth_p, is_label=True).data > 0
+            pred = sitk_bridge.resample(load_image(pred_p, is_label=True), world, w2i).data > 0
+            det = metrics.lesion_detection(truth, pred, spacing=spacing, min_volume_mm3=min_volume_mm3)
+            row[f"{label}_dice"] = metrics.dice(truth, pred)
+            row[f"{label}_f1"] = det["f1"]
+            row[f"{label}_recall"] = det["recall"]
+            row[f"{label}_precision"] = det["precision"]
+            row[f"{label}_truth_mm3"] = float(truth.sum() * world.voxel_volume)
+            row[f"{label}_pred_mm3"] = float(pred.sum() * world.voxel_volume)
+        seg_rows.append(row)
+    seg = pd.DataFrame(seg_rows)
+    return {"subject": subject, "registration": reg, "segmentation": seg,
+            "status": _status_accuracy(out, tdir, subject, sessions, world, est, true)}
+
+
+def _status_accuracy(out, tdir, subject, sessions, world, est, true):
+    """Fraction of truth lesion-visits whose status the run got right.
+
+    Each truth lesion at each session is matched to the run's lesion that covers
+    most of it (through the transforms); its status there is compared.
+    """
+    ttab = _find(tdir, f"sub-{subject}_desc-truth_lesions.tsv")
+    ltab = out / f"sub-{subject}" / f"sub-{subject}_desc-lesions_stats.tsv"
+    if ttab is None or not ltab.exists():
+        return None
+    truth = pd.read_csv(ttab, sep="\t")
+    ours = pd.read_csv(ltab, sep="\t")
+    ours_status = {(int(r.lesion_id), r.session_id): r.status for r in ours.itertuples()}
+    correct = total = 0
+    for ses in sessions:
+        ref = "FLAIR" if (ses, "FLAIR") in est else "T2w"
+        w2i = sitk_bridge.compose(true[ses, ref], sitk_bridge.inverse(est[ses, ref]))
+        tl_p = _find(tdir, f"sub-{subject}_{ses}_space-world_desc-lesions_dseg.nii.gz")
+        ol_p = bids.deriv_path(out, subject, ses, "anat", space="individual", desc="lesions", suffix="dseg")
+        if tl_p is None or not ol_p.exists():
+            continue
+        tl = load_image(tl_p, is_label=True).data.astype(np.int64)
+        ol = sitk_bridge.resample(load_image(ol_p, is_label=True), world, w2i).data.astype(np.int64)
+        rows = truth[truth["session_id"] == ses]
+        # dominant run-lesion per truth lesion, in one pass over paired labels
+        both = (tl > 0) & (ol > 0)
+        pairs = np.stack([tl[both], ol[both]], axis=1)
+        dom = {}
+        if len(pairs):
+            uniq, cnt = np.unique(pairs, axis=0, return_counts=True)
+            order = np.lexsort((-cnt, uniq[:, 0]))
+            uniq = uniq[order]
+            first = np.r_[True, uniq[1:, 0] != uniq[:-1, 0]]
+            dom = dict(zip(uniq[first, 0].tolist(), uniq[first, 1].tolist()))
+        for r in rows.itertuples():
+            total += 1
+            if r.status == "resolved":
+                # resolved: correct when the run has no lesion there any more
+                present = dom.get(int(r.lesion_id))
+                correct += int(present is None)
+                continue
+            lid = dom.get(int(r.lesion_id))
+            if lid is not None and ours_status.get((lid, ses)) == r.status:
+                correct += 1
+    return {"correct": correct, "total": total, "accuracy": correct / total if total else float("nan")}
+
+
+def evaluate_run(output_dir, truth_dir, bids_dir, participant_labels=None) -> dict:
+    subjects = participant_labels or sorted(p.name[4:] for p in Path(truth_dir).glob("sub-*") if p.is_dir())
+    return {bids._label(s, "sub-"): evaluate_subject(output_dir, truth_dir, bids_dir, bids._label(s, "sub-"))
+            for s in subjects}
+
+
+def format_scores(scores: dict) -> str:
+    lines = []
+    for sub, sc in scores.items():
+        lines.append(f"== sub-{sub}: accuracy against the phantom truth")
+        reg = sc["registration"]
+        if len(reg):
+            g = reg.groupby("modality").agg(mean_mm=("mean_mm", "mean"), max_mm=("max_mm", "max"))
+            lines.append("registration error vs truth (mm, image to first reference, over brain points):")
+            for mod, r in g.iterrows():
+                lines.append(f"  {mod:6s} mean {r.mean_mm:.2f}  max {r.max_mm:.2f}")
+        seg = sc["segmentation"]
+        if len(seg):
+            cols = [c for c in seg.columns if c.endswith(("_dice", "_f1"))]
+            lines.append("segmentation per session (lesion-wise F1 over lesions >= 10 mm3):")
+            lines.append(seg[["session_id"] + cols].round(3).to_string(index=False))
+        if sc.get("status"):
+            st = sc["status"]
+            lines.append(f"lesion status correct: {st['correct']}/{st['total']} = {st['accuracy']:.1%}")
+    return "\n".join(lines)

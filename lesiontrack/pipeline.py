@@ -1,0 +1,353 @@
+"""One subject end to end: load, align, preprocess, segment, track, quantify, write, report.
+
+Each step is a plain function call over in-memory data; input files are read once
+at the start and outputs written once at the end (atomically). The provenance file
+``sub-<s>/sub-<s>_provenance.json`` is written last: its presence with a matching
+configuration hash and version marks the subject as complete.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import __version__, bids, sitk_bridge
+from ._io import write_json, write_tsv
+from .config import config_hash
+from .image import Image, load_image, save_image
+from .result import SubjectResult
+
+__all__ = ["run_subject", "subject_is_complete", "PipelineError", "STRUCTURAL"]
+
+log = logging.getLogger("lesiontrack")
+
+STRUCTURAL = ("FLAIR", "T2w", "T1w", "ceT1w")
+# modality key -> (datatype, entity prefix, BIDS suffix) for derivative names
+_OUT_NAMES = {
+    "FLAIR": ("anat", None, "FLAIR"),
+    "T2w": ("anat", None, "T2w"),
+    "T1w": ("anat", None, "T1w"),
+    "ceT1w": ("anat", "gadolinium", "T1w"),
+    "dwi": ("dwi", None, "dwi"),
+    "b1000": ("dwi", None, "dwi"),
+    "ADC": ("dwi", None, "ADC"),
+}
+
+
+class PipelineError(RuntimeError):
+    """A subject cannot be processed; the message says which file or step and why."""
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"lesiontrack": __version__, "python": platform.python_version()}
+    for pkg in ("numpy", "scipy", "nibabel", "nilearn", "scikit-image", "SimpleITK", "pandas",
+                "matplotlib", "dask"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _provenance_path(output_dir, subject) -> Path:
+    return Path(output_dir) / f"sub-{subject}" / f"sub-{subject}_provenance.json"
+
+
+def subject_is_complete(output_dir, subject, cfg) -> bool:
+    """True when the subject's outputs exist from this version with this configuration."""
+    subject = bids._label(subject, "sub-")
+    prov = _provenance_path(output_dir, subject)
+    try:
+        info = json.loads(prov.read_text())
+    except (OSError, ValueError):
+        return False
+    if info.get("version") != __version__ or info.get("config_hash") != config_hash(cfg):
+        return False
+    return all((Path(output_dir) / rel).exists() for rel in info.get("outputs", []))
+
+
+def _step(progress, name, i, n):
+    log.info("[%d/%d] %s", i, n, name)
+    if progress is not None:
+        progress(name, i, n)
+
+
+# --------------------------------------------------------------------------- loading
+def _load_session(si: bids.SessionInputs, cfg) -> tuple[dict, dict]:
+    """Native images of one session (3D each; ``dwi`` = b=0 mean) and DWI maps."""
+    from . import dwi as dwi_mod
+
+    images, dwimaps = {}, {}
+    for mod in STRUCTURAL:
+        if mod in si.files:
+            images[mod] = load_image(si.files[mod], ndim=3)
+    if "dwi" in si.files:
+        series = load_image(si.files["dwi"], ndim=4)
+        if si.bval is None or not si.bval.exists() or not si.bvec.exists():
+            raise PipelineError(f"{si.files['dwi']}: the .bval/.bvec files beside it are missing "
+                                f"(expected {si.bval} and {si.bvec})")
+        bvals, bvecs = dwi_mod.read_bvals_bvecs(si.bval, si.bvec, series.shape[3])
+        maps = dwi_mod.fit_dwi(series, bvals, bvecs, cfg["segment"])
+        images["dwi"] = maps.b0
+        dwimaps = {"b1000": maps.b1000, "ADC": maps.adc}
+    elif "ADC" in si.files:
+        adc = load_image(si.files["ADC"], ndim=3)
+        images["dwi"] = adc
+        dwimaps = {"ADC": adc}
+    return images, dwimaps
+
+
+def _external_masks(lesion_mask_dir, subject, sessions):
+    if lesion_mask_dir is None:
+        return {}
+    out = {}
+    for si in sessions:
+        p = bids.deriv_path(lesion_mask_dir, subject, si.session, "anat", label="lesion", suffix="mask")
+        if not p.exists():
+            raise PipelineError(f"{p}: external lesion mask not found (the --lesion-masks folder must hold "
+                                "one mask per session in the session reference's space)")
+        out[si.session_id] = load_image(p, ndim=3, is_label=True)
+    return out
+
+
+# --------------------------------------------------------------------------- main
+def run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None, progress=None,
+                lesion_mask_dir=None, write_report: bool = True) -> SubjectResult:
+    """Process one subject end to end and write all its outputs.
+
+    Parameters
+    ----------
+    bids_dir, output_dir : path
+        BIDS input dataset and BIDS-Derivatives output folder.
+    subject : str
+        Label with or without ``sub-``.
+    cfg : dict
+        The resolved pipeline configuration (:func:`lesiontrack.config.load_config`).
+    session_labels : list of str, optional
+        Only these sessions.
+    progress : callable(step_name, i, n), optional
+    lesion_mask_dir : path, optional
+        A derivatives folder with external lesion masks (``label-lesion_mask``) per
+        session, used instead of lesiontrack's own T2/FLAIR segmentation.
+
+    Returns
+    -------
+    SubjectResult
+    """
+    from . import preprocess, quantify, registration, segment, track
+
+    t_start = time.perf_counter()
+    timing = {}
+    subject = bids._label(subject, "sub-")
+    output_dir = Path(output_dir)
+    n_steps = 8
+    bids.check_output_dir(bids_dir, output_dir)
+
+    # 1. inputs --------------------------------------------------------------------
+    _step(progress, "load", 1, n_steps)
+    sessions = bids.find_sessions(bids_dir, subject, session_labels)
+    skipped = []
+    kept = []
+    for si in sessions:
+        if si.reference is None:
+            msg = f"{si.session_id}: neither FLAIR nor T2w found; session skipped"
+            log.warning("sub-%s %s", subject, msg)
+            skipped.append(msg)
+        else:
+            kept.append(si)
+    if not kept:
+        raise PipelineError(f"sub-{subject}: no session has a FLAIR or T2w image")
+    sessions_df = bids.read_sessions_tsv(bids_dir, subject, kept)
+    order = list(sessions_df["session_id"])
+    kept = sorted(kept, key=lambda s: order.index(s.session_id))
+    sids = [s.session_id for s in kept]
+    native, dwimaps = {}, {}
+    for si in kept:
+        native[si.session_id], dwimaps[si.session_id] = _load_session(si, cfg)
+    ext_masks = _external_masks(lesion_mask_dir, subject, kept)
+    timing["load_s"] = time.perf_counter() - t_start
+
+    # 2. alignment -----------------------------------------------------------------
+    _step(progress, "align", 2, n_steps)
+    t0 = time.perf_counter()
+    al = registration.align_subject(native, cfg["registration"])
+    grid = al.grid
+    spacing = grid.spacing
+    timing["align_s"] = time.perf_counter() - t0
+
+    # 3. resample every image once, from native data, onto the individual grid -------
+    _step(progress, "resample", 3, n_steps)
+    t0 = time.perf_counter()
+    aligned = {}
+    for sid in sids:
+        a = {}
+        for mod, img in native[sid].items():
+            if mod == "dwi":
+                continue
+            a[mod] = sitk_bridge.resample(img, grid, al.transforms[sid][mod]).data.astype(np.float32)
+        for mod, img in dwimaps[sid].items():
+            a[mod] = sitk_bridge.resample(img, grid, al.transforms[sid]["dwi"]).data.astype(np.float32)
+        aligned[sid] = a
+    ext_aligned = {sid: sitk_bridge.resample(m, grid, al.transforms[sid][_ref(native[sid])]).data > 0
+                   for sid, m in ext_masks.items()}
+    timing["resample_s"] = time.perf_counter() - t0
+
+    # 4. subject priors + per-session preprocessing ----------------------------------
+    _step(progress, "preprocess", 4, n_steps)
+    t0 = time.perf_counter()
+    means = {}
+    for mod in ("FLAIR", "T2w", "T1w", "ceT1w", "b1000", "ADC"):
+        arrs = [aligned[s][mod] for s in sids if mod in aligned[s]]
+        if arrs:
+            means[mod] = grid.with_data(np.mean(arrs, axis=0, dtype=np.float32))
+    priors = preprocess.prepare_subject(means, cfg["preprocess"])
+    pre = {sid: preprocess.preprocess_session(aligned[sid], priors, spacing, cfg["preprocess"])
+           for sid in sids}
+    del aligned
+    timing["preprocess_s"] = time.perf_counter() - t0
+
+    # 5. segmentation --------------------------------------------------------------
+    _step(progress, "segment", 5, n_steps)
+    t0 = time.perf_counter()
+    masks = [segment.segment_session(pre[sid], priors, spacing, cfg["segment"],
+                                     lesion_mask=ext_aligned.get(sid)) for sid in sids]
+    timing["segment_s"] = time.perf_counter() - t0
+
+    # 6. tracking + tables -----------------------------------------------------------
+    _step(progress, "track", 6, n_steps)
+    t0 = time.perf_counter()
+    flair = [pre[sid].get("FLAIR", pre[sid].get("T2w")) for sid in sids]
+    tr = track.track_lesions([m.lesion for m in masks], spacing, cfg["track"], flair=flair,
+                             brain_mask=priors.brain_mask)
+    lesions_df = quantify.lesion_table(tr, masks, sids, grid, priors)
+    sessions_stats = quantify.session_table(tr, masks, sessions_df, grid, lesions_df)
+    qc_df = pd.DataFrame([q.__dict__ for q in al.qc])
+    timing["track_s"] = time.perf_counter() - t0
+
+    # 7. outputs -------------------------------------------------------------------
+    _step(progress, "write", 7, n_steps)
+    t0 = time.perf_counter()
+    outputs = _write_outputs(output_dir, subject, kept, native, grid, al, pre, masks, tr,
+                             lesions_df, sessions_stats, qc_df)
+    timing["write_s"] = time.perf_counter() - t0
+
+    images = {sid: {mod: grid.with_data(arr) for mod, arr in pre[sid].items()} for sid in sids}
+    provenance = {
+        "version": __version__,
+        "versions": _versions(),
+        "subject": subject,
+        "sessions": sids,
+        "skipped_sessions": skipped,
+        "config_hash": config_hash(cfg),
+        "config": cfg,
+        "skullstripped": bool(getattr(priors, "skullstripped", False)),
+        "external_lesion_masks": str(lesion_mask_dir) if lesion_mask_dir else None,
+        "timing": timing,
+    }
+    result = SubjectResult(
+        subject=subject, session_ids=sids, grid=grid, images=images, labels=tr.labels,
+        change=tr.change, restricted=[m.restricted for m in masks],
+        blackhole=[m.blackhole for m in masks], enhancing=[m.enhancing for m in masks],
+        brain_mask=priors.brain_mask, sessions=sessions_stats, lesions=lesions_df, qc=qc_df,
+        config=cfg, provenance=provenance)
+
+    # 8. report ---------------------------------------------------------------------
+    if write_report:
+        _step(progress, "report", 8, n_steps)
+        from . import report
+
+        t0 = time.perf_counter()
+        rpath = report.build_report(result, output_dir, cfg["report"])
+        outputs.append(str(Path(rpath).relative_to(output_dir)))
+        timing["report_s"] = time.perf_counter() - t0
+    timing["total_s"] = time.perf_counter() - t_start
+    provenance["outputs"] = outputs
+    write_json(_provenance_path(output_dir, subject), provenance)
+    log.info("sub-%s done in %.1f s", subject, timing["total_s"])
+    return result
+
+
+def _ref(images: dict) -> str:
+    return "FLAIR" if "FLAIR" in images else "T2w"
+
+
+def _write_outputs(output_dir, subject, sessions, native, grid, al, pre, masks, tr,
+                   lesions_df, sessions_stats, qc_df) -> list[str]:
+    from . import quantify
+
+    out = Path(output_dir)
+    written: list[Path] = []
+    bids.write_dataset_description(out)
+
+    def save(img, path):
+        written.append(save_image(img, path))
+
+    for i, si in enumerate(sessions):
+        sid, ses = si.session_id, si.session
+        ref_mod = _ref(native[sid])
+        ref_img = native[sid][ref_mod]
+        # transforms, in the folder of the image they come from
+        for mod, t in al.transforms[sid].items():
+            if mod not in native[sid]:
+                continue
+            dtype, ce, suffix = _OUT_NAMES[mod]
+            src = "dwi" if mod == "dwi" else suffix
+            p = bids.deriv_path(out, subject, ses, dtype, ce=ce, extra=f"from-{src}_to-individual_mode-image",
+                                suffix="xfm", ext=".txt")
+            written.append(sitk_bridge.write_transform(t, p))
+        # preprocessed images in the individual space
+        for mod, arr in pre[sid].items():
+            dtype, ce, suffix = _OUT_NAMES[mod]
+            save(grid.with_data(arr.astype(np.float32)),
+                 bids.deriv_path(out, subject, ses, dtype, ce=ce, space="individual", desc="preproc",
+                                 suffix=suffix))
+        m = masks[i]
+        for label, arr in (("lesion", m.lesion), ("restricted", m.restricted),
+                           ("blackhole", m.blackhole), ("enhancing", m.enhancing)):
+            save(grid.with_data(arr.astype(np.uint8), is_label=True),
+                 bids.deriv_path(out, subject, ses, "anat", space="individual", label=label, suffix="mask"))
+        lab = grid.with_data(tr.labels[i].astype(np.int32), is_label=True)
+        save(lab, bids.deriv_path(out, subject, ses, "anat", space="individual", desc="lesions", suffix="dseg"))
+        # native space (the session reference's grid)
+        back = sitk_bridge.inverse(al.transforms[sid][ref_mod])
+        native_lesion = sitk_bridge.resample(grid.with_data(m.lesion.astype(np.uint8), is_label=True),
+                                             ref_img, back)
+        save(native_lesion, bids.deriv_path(out, subject, ses, "anat", label="lesion", suffix="mask"))
+        if tr.change[i] is not None:
+            ch = grid.with_data(tr.change[i].astype(np.uint8), is_label=True)
+            save(ch, bids.deriv_path(out, subject, ses, "anat", space="individual", desc="change", suffix="dseg"))
+            save(sitk_bridge.resample(ch, ref_img, back),
+                 bids.deriv_path(out, subject, ses, "anat", desc="change", suffix="dseg"))
+
+    sdir = out / f"sub-{subject}"
+    tables = (
+        (sdir / f"sub-{subject}_desc-lesions_stats.tsv", lesions_df, quantify.LESION_COLUMNS),
+        (sdir / f"sub-{subject}_desc-sessions_stats.tsv", sessions_stats, quantify.SESSION_COLUMNS),
+        (sdir / f"sub-{subject}_desc-registration_qc.tsv", qc_df, _QC_COLUMNS),
+    )
+    for path, df, cols in tables:
+        written.append(write_tsv(path, df))
+        side = {c: cols.get(c, {"Description": f"clinical column '{c}' copied from sessions.tsv"})
+                for c in df.columns}
+        written.append(bids.sidecar(path, side))
+    return [str(Path(p).relative_to(out)) for p in written]
+
+
+_QC_COLUMNS = {
+    "session_id": {"Description": "session of the registered image"},
+    "modality": {"Description": "registered contrast (FLAIR, T2w, T1w, ceT1w, dwi)"},
+    "fixed": {"Description": "what the image was registered to"},
+    "metric": {"Description": "final value of the optimised metric (Mattes mutual information, lower is better)"},
+    "stop_condition": {"Description": "the optimiser's stop condition"},
+    "iterations": {"Description": "optimiser iterations at the last level"},
+    "similarity": {"Description": "post-registration similarity to the fixed image"},
+    "flagged": {"Description": "true when the alignment looks wrong"},
+    "reason": {"Description": "why the alignment was flagged"},
+}

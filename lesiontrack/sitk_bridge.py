@@ -1,0 +1,250 @@
+"""The only place that converts between :class:`~lesiontrack.image.Image` (RAS) and SimpleITK (LPS).
+
+Conventions
+-----------
+* An ``Image`` has a RAS+ voxel-to-world affine; SimpleITK images live in LPS
+  physical space. ``LPS = F @ RAS`` with ``F = diag(-1, -1, 1)``.
+* Array axes: ``Image.data[i, j, k]`` is SimpleITK index ``(i, j, k)``;
+  ``sitk.GetArrayFromImage`` returns ``[k, j, i]``, transposed here.
+* A transform is always in ITK's *resampling* direction: it maps points of the
+  fixed / reference space to points of the moving image, in LPS mm. This is the
+  direction of the ``*_from-<MOD>_to-individual_mode-image_xfm.txt`` files.
+* Label maps (``Image.is_label``) are resampled nearest-neighbour, always.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from ._io import atomic_path
+from .image import Image, ImageError
+
+__all__ = [
+    "to_sitk", "from_sitk", "resample", "resample_array", "read_transform", "write_transform",
+    "compose", "linear_to_matrix", "matrix_to_transform", "flatten", "transform_points",
+    "ras_to_lps_points", "lps_to_ras_points", "identity", "inverse", "ras_matrix",
+    "from_ras_matrix", "file_world_correction",
+]
+
+_F = np.diag([-1.0, -1.0, 1.0])
+_F4 = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def ras_to_lps_points(pts):
+    pts = np.asarray(pts, dtype=np.float64)
+    return pts * np.array([-1.0, -1.0, 1.0])
+
+
+lps_to_ras_points = ras_to_lps_points
+
+
+def _geometry(affine):
+    lps = _F4 @ affine
+    lin = lps[:3, :3]
+    spacing = np.linalg.norm(lin, axis=0)
+    direction = lin / spacing
+    return spacing, direction, lps[:3, 3]
+
+
+def to_sitk(img: Image, dtype=None) -> sitk.Image:
+    """Convert a 3D :class:`Image` to a SimpleITK image with the same world geometry."""
+    if img.data.ndim != 3:
+        raise ImageError(f"{img.source}: to_sitk needs a 3D image, got shape {img.shape}")
+    data = img.data if dtype is None else img.data.astype(dtype, copy=False)
+    if data.dtype == np.bool_:
+        data = data.astype(np.uint8)
+    if data.dtype == np.float64 and dtype is None:
+        data = data.astype(np.float32)
+    simg = sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(2, 1, 0)))
+    spacing, direction, origin = _geometry(img.affine)
+    simg.SetSpacing(tuple(float(s) for s in spacing))
+    simg.SetDirection(tuple(float(d) for d in direction.ravel()))
+    simg.SetOrigin(tuple(float(o) for o in origin))
+    return simg
+
+
+def from_sitk(simg: sitk.Image, *, is_label: bool = False, source: str = "<sitk>") -> Image:
+    """Convert a 3D SimpleITK image back to an :class:`Image` (RAS affine)."""
+    if simg.GetDimension() != 3:
+        raise ImageError(f"{source}: from_sitk needs a 3D image, got {simg.GetDimension()}D")
+    data = sitk.GetArrayFromImage(simg).transpose(2, 1, 0)
+    spacing = np.array(simg.GetSpacing())
+    direction = np.array(simg.GetDirection()).reshape(3, 3)
+    lps = np.eye(4)
+    lps[:3, :3] = direction * spacing
+    lps[:3, 3] = simg.GetOrigin()
+    return Image(np.ascontiguousarray(data), _F4 @ lps, is_label, source)
+
+
+def identity() -> sitk.Transform:
+    return sitk.AffineTransform(3)
+
+
+def linear_to_matrix(transform: sitk.Transform) -> np.ndarray:
+    """The 4x4 LPS matrix of a linear (rigid, affine or composite-of-linear) transform.
+
+    Computed by mapping points, so it works for any linear transform type.
+    """
+    base = np.array([[0, 0, 0], [100, 0, 0], [0, 100, 0], [0, 0, 100]], dtype=np.float64)
+    mapped = np.array([transform.TransformPoint(tuple(p)) for p in base])
+    m = np.eye(4)
+    m[:3, 3] = mapped[0]
+    m[:3, :3] = (mapped[1:] - mapped[0]).T / 100.0
+    return m
+
+
+def matrix_to_transform(m_lps: np.ndarray) -> sitk.AffineTransform:
+    """A SimpleITK AffineTransform from a 4x4 LPS point-mapping matrix."""
+    t = sitk.AffineTransform(3)
+    t.SetMatrix(tuple(float(v) for v in np.asarray(m_lps)[:3, :3].ravel()))
+    t.SetTranslation(tuple(float(v) for v in np.asarray(m_lps)[:3, 3]))
+    return t
+
+
+def ras_matrix(transform: sitk.Transform) -> np.ndarray:
+    """The transform's point map expressed in RAS coordinates (4x4)."""
+    return _F4 @ linear_to_matrix(transform) @ _F4
+
+
+def from_ras_matrix(m_ras: np.ndarray) -> sitk.AffineTransform:
+    """A transform (LPS, resampling direction) from a RAS point-mapping matrix."""
+    return matrix_to_transform(_F4 @ np.asarray(m_ras, dtype=np.float64) @ _F4)
+
+
+def _is_linear(t: sitk.Transform) -> bool:
+    try:
+        m = linear_to_matrix(t)
+    except Exception:
+        return False
+    rng = np.random.default_rng(0)
+    pts = rng.uniform(-200, 200, size=(5, 3))
+    expect = pts @ m[:3, :3].T + m[:3, 3]
+    got = np.array([t.TransformPoint(tuple(p)) for p in pts])
+    return np.allclose(expect, got, atol=1e-6)
+
+
+def compose(*transforms: sitk.Transform) -> sitk.Transform:
+    """Point map ``p -> tN(...t2(t1(p)))``: the first argument is applied first.
+
+    Linear transforms are flattened into a single AffineTransform (exactly).
+    """
+    if all(_is_linear(t) for t in transforms):
+        m = np.eye(4)
+        for t in transforms:
+            m = linear_to_matrix(t) @ m
+        return matrix_to_transform(m)
+    comp = sitk.CompositeTransform(3)
+    for t in reversed(transforms):  # ITK applies the last added first
+        comp.AddTransform(t)
+    return comp
+
+
+def flatten(transform: sitk.Transform) -> sitk.Transform:
+    return compose(transform)
+
+
+def transform_points(transform: sitk.Transform, pts_lps) -> np.ndarray:
+    """Map (N, 3) LPS points; vectorised for linear transforms."""
+    pts = np.asarray(pts_lps, dtype=np.float64)
+    if _is_linear(transform):
+        m = linear_to_matrix(transform)
+        return pts @ m[:3, :3].T + m[:3, 3]
+    return np.array([transform.TransformPoint(tuple(p)) for p in pts])
+
+
+def inverse(transform: sitk.Transform) -> sitk.Transform:
+    if _is_linear(transform):
+        return matrix_to_transform(np.linalg.inv(linear_to_matrix(transform)))
+    return transform.GetInverse()
+
+
+def resample(moving: Image, reference: Image, transform: sitk.Transform | None = None, *,
+             is_label: bool | None = None, default: float = 0.0,
+             interpolator: int | None = None) -> Image:
+    """Resample ``moving`` onto ``reference``'s grid through ``transform``.
+
+    ``transform`` maps reference points to moving points (LPS, ITK resampling
+    direction); ``None`` means identity (the two share world coordinates). Label
+    maps are resampled nearest-neighbour; other images linearly (or with
+    ``interpolator``). 4D images are resampled volume by volume.
+    """
+    label = moving.is_label if is_label is None else is_label
+    if label:
+        interp = sitk.sitkNearestNeighbor
+        if interpolator not in (None, sitk.sitkNearestNeighbor, sitk.sitkLabelGaussian):
+            raise ValueError("label maps are resampled nearest-neighbour only")
+    else:
+        interp = sitk.sitkLinear if interpolator is None else interpolator
+    t = identity() if transform is None else transform
+    ref = to_sitk(reference.with_data(np.zeros(reference.shape[:3], np.uint8)))
+
+    def one(vol):
+        src = to_sitk(moving.with_data(vol))
+        out = sitk.Resample(src, ref, t, interp, float(default), src.GetPixelID())
+        return sitk.GetArrayFromImage(out).transpose(2, 1, 0)
+
+    if moving.data.ndim == 4:
+        data = np.stack([one(moving.data[..., v]) for v in range(moving.shape[3])], axis=-1)
+    else:
+        data = one(moving.data)
+    return Image(np.ascontiguousarray(data), reference.affine, label, moving.source)
+
+
+def resample_array(array, moving_affine, reference: Image, transform=None, *, is_label=False):
+    """Convenience: resample a bare array given its affine."""
+    return resample(Image(array, moving_affine, is_label), reference, transform).data
+
+
+def read_transform(path) -> sitk.Transform:
+    """Read an ITK transform file (flattened to one AffineTransform when linear)."""
+    path = Path(path)
+    if not path.exists():
+        raise ImageError(f"{path}: transform file does not exist")
+    try:
+        t = sitk.ReadTransform(str(path))
+    except RuntimeError as exc:
+        raise ImageError(f"{path}: not a readable ITK transform ({str(exc).strip().splitlines()[-1]})") from None
+    return flatten(t)
+
+
+def file_world_correction(img: Image) -> sitk.Transform | None:
+    """The map from ``img``'s world to the world SimpleITK reads from ``img.source``.
+
+    nibabel (hence :func:`~lesiontrack.image.load_image`) takes the sform when
+    it is set; SimpleITK takes the qform when both are set with code 1 and they
+    disagree. Transforms written for such a file must include this correction:
+    ``compose(T, file_world_correction(img))`` maps reference points into the
+    file as SimpleITK reads it. Returns None when both readers agree (the usual
+    case) or when ``img.source`` is not a readable file with ``img``'s grid.
+    """
+    path = Path(img.source)
+    if not path.is_file():
+        return None
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return None
+    if tuple(reader.GetSize()[:3]) != tuple(img.shape[:3]):
+        return None
+    dim = reader.GetDimension()
+    spacing = np.array(reader.GetSpacing())[:3]
+    direction = np.array(reader.GetDirection()).reshape(dim, dim)[:3, :3]
+    itk = np.eye(4)
+    itk[:3, :3] = direction * spacing
+    itk[:3, 3] = reader.GetOrigin()[:3]
+    corr = itk @ np.linalg.inv(_F4 @ img.affine)
+    if np.allclose(corr, np.eye(4), atol=1e-4):
+        return None
+    return matrix_to_transform(corr)
+
+
+def write_transform(transform: sitk.Transform, path) -> Path:
+    """Write an ITK text transform atomically."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        sitk.WriteTransform(transform, str(tmp))
+    return path

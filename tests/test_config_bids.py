@@ -1,0 +1,98 @@
+"""Configuration loading, BIDS discovery and derivative names."""
+import filecmp
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from lesiontrack import bids
+from lesiontrack.config import ConfigError, config_hash, default_config_path, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_default_config_shipped_and_copied():
+    assert filecmp.cmp(default_config_path(), ROOT / "pipelines" / "default.toml", shallow=False), \
+        "pipelines/default.toml must be a copy of the packaged default"
+    cfg = load_config()
+    assert {"registration", "preprocess", "segment", "track", "report"} <= set(cfg)
+
+
+def test_config_override_and_unknown_key(tmp_path):
+    cfg = load_config()
+    sec = next(k for k, v in cfg["segment"].items() if not isinstance(v, dict)) if cfg["segment"] else None
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[segment]\nno_such_setting = 3\n")
+    with pytest.raises(ConfigError, match="no_such_setting"):
+        load_config(bad)
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[segment\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(broken)
+    if sec is not None:
+        good = tmp_path / "good.toml"
+        val = cfg["segment"][sec]
+        good.write_text(f"[segment]\n{sec} = {repr(val).lower() if isinstance(val, bool) else repr(val)}\n")
+        assert config_hash(load_config(good)) == config_hash(cfg)
+
+
+def _touch(p: Path, text="x"):
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(text)
+
+
+def test_find_sessions_and_sessions_tsv(tmp_path):
+    b = tmp_path / "bids"
+    _touch(b / "sub-01/ses-02/anat/sub-01_ses-02_FLAIR.nii.gz")
+    _touch(b / "sub-01/ses-01/anat/sub-01_ses-01_T2w.nii.gz")
+    _touch(b / "sub-01/ses-01/anat/sub-01_ses-01_ce-gadolinium_T1w.nii.gz")
+    _touch(b / "sub-01/ses-03/anat/sub-01_ses-03_T1w.nii.gz")
+    _touch(b / "sub-01/sub-01_sessions.tsv",
+           "session_id\tacq_time\tedss\tevent\nses-02\t2020-05-01\t3.5\tsteroids\n"
+           "ses-01\t2020-01-01\t1.0\tn/a\nses-03\t2020-09-01\tn/a\t\n")
+    ses = bids.find_sessions(b, "sub-01")
+    assert [s.session_id for s in ses] == ["ses-01", "ses-02", "ses-03"]
+    assert ses[0].reference == "T2w" and "ceT1w" in ses[0].files
+    assert ses[2].reference is None
+    problems = bids.check_subject(b, "01")
+    assert any("neither FLAIR nor T2w" in p and "ses-03" in p for p in problems)
+    df = bids.read_sessions_tsv(b, "01")
+    assert list(df["session_id"]) == ["ses-01", "ses-02", "ses-03"]   # time order
+    assert df["edss"].iloc[1] == 3.5 and pd.isna(df["edss"].iloc[2])
+
+
+def test_bad_acq_time_and_missing_sessions_tsv(tmp_path):
+    b = tmp_path / "bids"
+    _touch(b / "sub-01/ses-01/anat/sub-01_ses-01_FLAIR.nii.gz")
+    _touch(b / "sub-01/ses-02/anat/sub-01_ses-02_FLAIR.nii.gz")
+    df = bids.read_sessions_tsv(b, "01")                  # no sessions.tsv: label order
+    assert list(df["session_id"]) == ["ses-01", "ses-02"]
+    _touch(b / "sub-01/sub-01_sessions.tsv", "session_id\tacq_time\nses-01\tyesterday\nses-02\t2020-01-01\n")
+    with pytest.raises(bids.BIDSError, match="yesterday.*ISO 8601"):
+        bids.read_sessions_tsv(b, "01")
+
+
+def test_participant_filter_and_output_dir(tmp_path):
+    b = tmp_path / "bids"
+    for s in ("01", "02"):
+        _touch(b / f"sub-{s}/ses-01/anat/sub-{s}_ses-01_FLAIR.nii.gz")
+    assert bids.find_subjects(b) == ["01", "02"]
+    assert bids.find_subjects(b, ["sub-02"]) == ["02"]
+    with pytest.raises(bids.BIDSError, match="not found: 07"):
+        bids.find_subjects(b, ["07"])
+    with pytest.raises(bids.BIDSError, match="is the BIDS input"):
+        bids.check_output_dir(b, b)
+    with pytest.raises(bids.BIDSError, match="inside the subject folder"):
+        bids.check_output_dir(b, b / "sub-01" / "out")
+    bids.check_output_dir(b, b / "derivatives" / "lesiontrack")
+
+
+def test_deriv_names():
+    p = bids.deriv_path("/o", "01", "02", "anat", ce="gadolinium", space="individual", desc="preproc",
+                        suffix="T1w")
+    assert str(p) == "/o/sub-01/ses-02/anat/sub-01_ses-02_ce-gadolinium_space-individual_desc-preproc_T1w.nii.gz"
+    p = bids.deriv_path("/o", "01", "ses-02", "dwi", extra="from-dwi_to-individual_mode-image", suffix="xfm",
+                        ext=".txt")
+    assert str(p) == "/o/sub-01/ses-02/dwi/sub-01_ses-02_from-dwi_to-individual_mode-image_xfm.txt"
+    p = bids.deriv_path("/o", "01", "02", "anat", space="individual", label="lesion", suffix="mask")
+    assert p.name == "sub-01_ses-02_space-individual_label-lesion_mask.nii.gz"
