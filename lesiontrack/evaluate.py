@@ -54,7 +54,7 @@ def evaluate_subject(output_dir, truth_dir, bids_dir, subject, min_volume_mm3=10
     est, true = {}, {}
     for ses in sessions:
         for mod, (dtype, _, _) in _MODS.items():
-            pe = bids.deriv_path(out, subject, ses, dtype).parent / _xfm_name(subject, ses, mod, "individual")
+            pe = bids.deriv_path(out, subject, ses, dtype, suffix="x").parent / _xfm_name(subject, ses, mod, "individual")
             pt = _find(tdir, _xfm_name(subject, ses, mod, "world"))
             if pe.exists() and pt is not None:
                 est[ses, mod] = sitk_bridge.read_transform(pe)

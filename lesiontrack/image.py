@@ -134,7 +134,8 @@ def _read_nifti(path: Path):
     if path.stat().st_size == 0:
         raise ImageError(f"{path}: file is empty")
     try:
-        img = nib.load(str(path))
+        with np.errstate(all="ignore"):
+            img = nib.load(str(path))
     except Exception as exc:  # nibabel raises many types for unreadable files
         raise ImageError(f"{path}: not a readable NIfTI image ({type(exc).__name__}: {exc})") from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
@@ -157,17 +158,57 @@ def _checked_shape(path, nimg, wanted) -> tuple[int, ...]:
     return shape
 
 
+def _raw_pixdim(path, nimg) -> np.ndarray:
+    """pixdim as stored in the file (nibabel silently replaces zero voxel sizes by 1)."""
+    try:
+        with nib.openers.ImageOpener(str(path)) as fh:
+            hdr = type(nimg.header).from_fileobj(fh, check=False)
+        return np.asarray(hdr["pixdim"], dtype=np.float64)
+    except Exception:
+        return np.asarray(nimg.header["pixdim"], dtype=np.float64)
+
+
+def _read_form(nimg, which: str):
+    """(matrix or None, code, problem) of the header's qform or sform."""
+    code = int(nimg.header[f"{which}_code"])
+    if not code:
+        return None, 0, ""
+    try:
+        with np.errstate(all="ignore"):
+            m = getattr(nimg.header, f"get_{which}")()
+    except Exception as exc:  # impossible quaternion, qfac or pixdim (HeaderDataError)
+        return None, code, str(exc)
+    if m is None or not np.all(np.isfinite(m)):
+        return None, code, "it holds NaN or Inf values"
+    return m, code, ""
+
+
 def _checked_affine(path, nimg) -> np.ndarray:
     """nibabel's affine (sform if coded, else qform), with the disagreement warning."""
-    qform, qcode = nimg.get_qform(coded=True)
-    sform, scode = nimg.get_sform(coded=True)
-    if qcode and scode and not np.allclose(qform, sform, atol=1e-2):
-        warnings.warn(f"{path}: qform and sform disagree; using the sform as nibabel does "
-                      "(SimpleITK may read this file with the qform)", UserWarning, stacklevel=3)
-    elif not qcode and not scode:
+    qform, qcode, qproblem = _read_form(nimg, "qform")
+    sform, scode, sproblem = _read_form(nimg, "sform")
+    if scode:
+        if sproblem:
+            raise ImageError(f"{path}: the sform is invalid ({sproblem})")
+        if qproblem:
+            warnings.warn(f"{path}: the qform is invalid ({qproblem}); using the sform",
+                          UserWarning, stacklevel=3)
+        elif qcode and not np.allclose(qform, sform, atol=1e-2):
+            warnings.warn(f"{path}: qform and sform disagree; using the sform as nibabel does "
+                          "(SimpleITK may read this file with the qform)", UserWarning, stacklevel=3)
+    elif qcode:
+        if qproblem:
+            raise ImageError(f"{path}: the qform is invalid ({qproblem}) and no sform is set; "
+                             "the orientation cannot be read")
+        if np.any(_raw_pixdim(path, nimg)[1:4] == 0):
+            raise ImageError(f"{path}: affine is degenerate (a voxel size in pixdim is 0 and the "
+                             "qform is used); the header must describe the voxel size")
+    else:
         warnings.warn(f"{path}: neither qform nor sform is set; the orientation is unknown "
                       "and the voxel axes are taken as RAS", UserWarning, stacklevel=3)
-    return _check_affine(nimg.affine, str(path))
+    with np.errstate(all="ignore"):
+        affine = nimg.affine
+    return _check_affine(affine, str(path))
 
 
 def _read_data(path, nimg, is_label: bool) -> np.ndarray:

@@ -1,0 +1,347 @@
+"""Private engine of :mod:`lesiontrack.registration`: pyramids, masks, one rigid fit, QC.
+
+Images enter as :class:`~lesiontrack.image.Image` (RAS) and are handed to SimpleITK
+only through :mod:`lesiontrack.sitk_bridge`. Transforms are rigid (``Euler3DTransform``)
+in ITK resampling direction (fixed point -> moving point, LPS mm).
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+from skimage.filters import threshold_otsu
+
+from . import sitk_bridge
+from .image import Image, crop_image
+
+_F = np.diag([-1.0, -1.0, 1.0])
+
+
+class RegistrationError(ValueError):
+    """Registration cannot run on the given images or settings."""
+
+
+# --------------------------------------------------------------------------------------
+# threads
+@contextmanager
+def sitk_threads(n: int):
+    """Temporarily set SimpleITK's default thread count (0 = all usable cores)."""
+    if n is None or int(n) <= 0:
+        try:
+            n = len(os.sched_getaffinity(0))
+        except AttributeError:  # pragma: no cover - non-Linux
+            n = os.cpu_count() or 1
+    old = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(int(n))
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(old)
+
+
+# --------------------------------------------------------------------------------------
+# pyramid and masks
+def _factors(spacing, target_mm: float) -> np.ndarray:
+    if target_mm <= 0:
+        return np.ones(3, int)
+    return np.maximum(1, np.floor(target_mm / np.asarray(spacing) + 0.5)).astype(int)
+
+
+def shrink(simg: sitk.Image, factors) -> sitk.Image:
+    """Average non-overlapping blocks of ``factors`` voxels (multi-threaded ``BinShrink``)."""
+    f = [int(x) for x in factors]
+    return simg if all(x == 1 for x in f) else sitk.BinShrink(simg, f)
+
+
+def block_mean(img: Image, factors) -> Image:
+    """``img`` averaged over blocks of ``factors`` voxels; the affine follows the block centres."""
+    if np.all(np.asarray(factors) == 1):
+        return img
+    return sitk_bridge.from_sitk(shrink(sitk_bridge.to_sitk(img, np.float32), factors), source=img.source)
+
+
+def level_image(img: Image, target_mm: float) -> Image:
+    """``img`` brought to about ``target_mm`` per voxel (0 = native) by block averaging."""
+    return block_mean(img, _factors(img.spacing, target_mm))
+
+
+@dataclass
+class Prepared:
+    """One image ready for registration: its pyramid, head mask and intensity scale."""
+
+    levels: list          # sitk images, coarse -> fine, one per configured level
+    mask: sitk.Image      # uint8 foreground mask (coarse grid), physical-space test only
+    mask_volume: float    # mm^3 inside the mask
+    centroid: np.ndarray  # LPS mm, centroid of the mask
+    scale: float          # robust intensity scale (median inside the mask)
+    mask_points: np.ndarray  # (N, 3) LPS centres of mask voxels (coarse grid)
+    corners: np.ndarray   # (8, 3) LPS corners of the field of view
+
+
+def foreground_mask(coarse: Image, margin_mm: float, user_mask=None) -> np.ndarray:
+    """Head/brain foreground of a coarse image: Otsu, largest component, holes filled, dilated."""
+    d = coarse.data
+    if user_mask is not None:
+        m = np.asarray(user_mask, bool)
+    else:
+        finite = d[np.isfinite(d)]
+        lo, hi = np.percentile(finite, [0.5, 99.5])
+        if hi <= lo:
+            raise RegistrationError(f"{coarse.source}: image has no contrast to register")
+        t = threshold_otsu(np.clip(finite, lo, hi))
+        m = d > t
+        lab, n = ndimage.label(m)
+        if n > 1:
+            sizes = np.bincount(lab.ravel())
+            sizes[0] = 0
+            m = lab == int(np.argmax(sizes))
+        m = ndimage.binary_fill_holes(m)
+    if margin_mm > 0:
+        sp = np.asarray(coarse.spacing)
+        r = np.ceil(margin_mm / sp).astype(int) + 1
+        dist = ndimage.distance_transform_edt(~np.pad(m, [(x, x) for x in r]), sampling=sp)
+        m = dist[r[0]:r[0] + m.shape[0], r[1]:r[1] + m.shape[1], r[2]:r[2] + m.shape[2]] <= margin_mm
+    if m.sum() < 8:
+        raise RegistrationError(f"{coarse.source}: no foreground found to register")
+    return m
+
+
+def _fov_corners(img: Image) -> np.ndarray:
+    n = np.asarray(img.shape[:3]) - 1
+    ijk = np.array([[a, b, c] for a in (-0.5, n[0] + 0.5) for b in (-0.5, n[1] + 0.5)
+                    for c in (-0.5, n[2] + 0.5)])
+    return sitk_bridge.ras_to_lps_points(img.world_coords(ijk))
+
+
+def prepare(img: Image, cfg: dict, mask=None) -> Prepared:
+    """Build the registration pyramid, foreground mask and scale of one 3D image.
+
+    ``mask`` (bool array on ``img``'s grid, or a label Image on it) replaces the
+    automatic foreground mask.
+    """
+    if img.data.ndim != 3:
+        raise RegistrationError(f"{img.source}: registration needs a 3D image, got shape {img.shape}")
+    if not np.any(img.data != img.data.flat[0]):
+        raise RegistrationError(f"{img.source}: image is constant; nothing to register")
+    levels_mm = [float(x) for x in cfg["levels_mm"]]
+    mask_mm = float(cfg["mask_level_mm"])
+    coarse = level_image(img, mask_mm)
+    user = None
+    if mask is not None:
+        m = mask.data if isinstance(mask, Image) else np.asarray(mask)
+        if m.shape != img.shape[:3]:
+            raise RegistrationError(f"{img.source}: mask shape {m.shape} does not match image {img.shape[:3]}")
+        f = np.round(np.asarray(coarse.spacing) / np.asarray(img.spacing)).astype(int)
+        user = block_mean(img.with_data(m.astype(np.float32)), f).data > 0.5 if np.any(f > 1) else m > 0
+    m = foreground_mask(coarse, float(cfg["mask_margin_mm"]), user)
+    # crop to the mask's bounding box (one coarse voxel of margin): registration cost
+    # grows with the image size even with sparse sampling
+    f = _factors(img.spacing, mask_mm)
+    nz = np.argwhere(m)
+    lo = np.maximum(nz.min(axis=0) - 1, 0)
+    hi = np.minimum(nz.max(axis=0) + 2, m.shape)
+    box = tuple(slice(int(a * k), int(min(b * k, n)) if b < s else None)
+                for a, b, k, n, s in zip(lo, hi, f, img.shape, m.shape))
+    cropped = sitk_bridge.to_sitk(crop_image(img, box), np.float32)
+    imgs = {mm: shrink(cropped, _factors(img.spacing, mm)) for mm in set(levels_mm)}
+    vals = coarse.data[m]
+    scale = float(np.median(vals[vals > 0])) if np.any(vals > 0) else float(np.abs(vals).max() or 1.0)
+    pts = sitk_bridge.ras_to_lps_points(coarse.world_coords(np.argwhere(m)))
+    mimg = sitk_bridge.to_sitk(coarse.with_data(m.astype(np.uint8)))
+    return Prepared(
+        levels=[imgs[mm] for mm in levels_mm],
+        mask=mimg, mask_volume=float(m.sum() * coarse.voxel_volume), centroid=pts.mean(axis=0),
+        scale=scale if scale > 0 else 1.0, mask_points=pts, corners=_fov_corners(img))
+
+
+# --------------------------------------------------------------------------------------
+# rigid transforms as matrices
+def euler_from_matrix(m: np.ndarray, center) -> sitk.Euler3DTransform:
+    """A rigid ``Euler3DTransform`` about ``center`` from a 4x4 LPS matrix (rotation part projected)."""
+    u, _, vt = np.linalg.svd(m[:3, :3])
+    r = u @ vt
+    if np.linalg.det(r) < 0:
+        u[:, -1] *= -1
+        r = u @ vt
+    c = np.asarray(center, dtype=np.float64)
+    t = sitk.Euler3DTransform()
+    t.SetCenter(tuple(float(x) for x in c))
+    t.SetMatrix(tuple(float(x) for x in r.ravel()))
+    t.SetTranslation(tuple(float(x) for x in (m[:3, :3] @ c + m[:3, 3] - c)))
+    return t
+
+
+def rotation_angle_deg(m: np.ndarray) -> float:
+    c = (np.trace(m[:3, :3]) - 1.0) / 2.0
+    return float(np.degrees(np.arccos(np.clip(c, -1.0, 1.0))))
+
+
+def _quat(r: np.ndarray) -> np.ndarray:
+    """Unit quaternion (w, x, y, z) of a rotation matrix."""
+    k = np.array([
+        [r[0, 0] - r[1, 1] - r[2, 2], r[1, 0] + r[0, 1], r[2, 0] + r[0, 2], r[2, 1] - r[1, 2]],
+        [r[1, 0] + r[0, 1], r[1, 1] - r[0, 0] - r[2, 2], r[2, 1] + r[1, 2], r[0, 2] - r[2, 0]],
+        [r[2, 0] + r[0, 2], r[2, 1] + r[1, 2], r[2, 2] - r[0, 0] - r[1, 1], r[1, 0] - r[0, 1]],
+        [r[2, 1] - r[1, 2], r[0, 2] - r[2, 0], r[1, 0] - r[0, 1], r[0, 0] + r[1, 1] + r[2, 2]],
+    ]) / 3.0
+    w, v = np.linalg.eigh(k)
+    q = v[[3, 0, 1, 2], np.argmax(w)]
+    return q if q[0] >= 0 else -q
+
+
+def _rot(q: np.ndarray) -> np.ndarray:
+    w, x, y, z = q / np.linalg.norm(q)
+    return np.array([
+        [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+    ])
+
+
+def mean_rotation(rs) -> np.ndarray:
+    """Chordal L2 mean of rotation matrices (Markley's quaternion average)."""
+    qs = np.array([_quat(r) for r in rs])
+    w, v = np.linalg.eigh(qs.T @ qs)
+    return _rot(v[:, np.argmax(w)])
+
+
+def mean_rigid(ms, center) -> np.ndarray:
+    """Mean of rigid 4x4 maps: mean rotation about ``center`` plus mean displacement of it."""
+    c = np.asarray(center, dtype=np.float64)
+    r = mean_rotation([m[:3, :3] for m in ms])
+    u = np.mean([m[:3, :3] @ c + m[:3, 3] - c for m in ms], axis=0)
+    out = np.eye(4)
+    out[:3, :3] = r
+    out[:3, 3] = c + u - r @ c
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# one rigid registration
+@dataclass
+class FitResult:
+    transform: sitk.Euler3DTransform
+    metric: float
+    stop: str
+    iterations: int
+
+
+def _method(cfg, level: int, fixed: Prepared, fixed_level: sitk.Image, moving_mask: sitk.Image | None):
+    reg = sitk.ImageRegistrationMethod()
+    reg.SetMetricAsMattesMutualInformation(int(cfg["histogram_bins"]))
+    vox = float(np.prod(fixed_level.GetSpacing()))
+    n_in_mask = max(fixed.mask_volume / vox, 1.0)
+    pct = min(1.0, float(cfg["samples"][level]) / n_in_mask)
+    reg.SetMetricSamplingStrategy(reg.RANDOM)
+    reg.SetMetricSamplingPercentage(pct, int(cfg["seed"]))
+    reg.SetMetricFixedMask(fixed.mask)
+    if moving_mask is not None:
+        reg.SetMetricMovingMask(moving_mask)
+    reg.SetMetricUseFixedImageGradientFilter(False)
+    reg.SetMetricUseMovingImageGradientFilter(False)
+    reg.SetInterpolator(sitk.sitkLinear)
+    reg.SetOptimizerAsRegularStepGradientDescent(
+        learningRate=float(cfg["step_mm"][level]), minStep=float(cfg["min_step_mm"]),
+        numberOfIterations=int(cfg["iterations"][level]),
+        relaxationFactor=float(cfg["relaxation"]), gradientMagnitudeTolerance=1e-8)
+    reg.SetOptimizerScalesFromPhysicalShift()
+    return reg
+
+
+def fit_rigid(fixed: Prepared, moving: Prepared, cfg: dict, init: sitk.Transform | None,
+              use_moving_mask: bool = False) -> FitResult:
+    """Multi-resolution Mattes-MI rigid fit (fixed point -> moving point).
+
+    Without ``init`` the header alignment and a centre-of-mass alignment of the
+    foreground masks are compared at the coarsest level and the better one is used.
+    """
+    centre = fixed.centroid
+    mmask = moving.mask if use_moving_mask else None
+    if init is not None:
+        tx = euler_from_matrix(sitk_bridge.linear_to_matrix(init), centre)
+    else:
+        cands = [np.eye(4)]
+        shift = moving.centroid - fixed.centroid
+        if np.linalg.norm(shift) > float(cfg["moments_min_shift_mm"]):
+            m = np.eye(4)
+            m[:3, 3] = shift
+            cands.append(m)
+        tx = euler_from_matrix(cands[0], centre)
+        if len(cands) > 1:
+            best = None
+            for m in cands:
+                t = euler_from_matrix(m, centre)
+                reg = _method(cfg, 0, fixed, fixed.levels[0], mmask)
+                reg.SetInitialTransform(t, inPlace=False)
+                v = reg.MetricEvaluate(fixed.levels[0], moving.levels[0])
+                if best is None or v < best:
+                    best, tx = v, t
+    metric, stop, its = float("nan"), "", 0
+    for lev, (f_img, m_img) in enumerate(zip(fixed.levels, moving.levels)):
+        reg = _method(cfg, lev, fixed, f_img, mmask)
+        reg.SetInitialTransform(tx, inPlace=True)
+        reg.Execute(f_img, m_img)
+        metric = float(reg.GetMetricValue())
+        stop = reg.GetOptimizerStopConditionDescription()
+        its = int(reg.GetOptimizerIteration())
+    return FitResult(tx, metric, stop, its)
+
+
+# --------------------------------------------------------------------------------------
+# post-registration similarity
+def similarity(fixed: Prepared, moving: Prepared, transform: sitk.Transform, bins: int,
+               level: int = -2) -> float:
+    """Normalised mutual information ``(H(A)+H(B))/H(A,B) - 1`` inside the fixed mask (0..1).
+
+    Computed on a coarse pyramid level (``level``) of both images, over the fixed
+    foreground voxels that map inside the moving field of view.
+    """
+    lev = max(0, len(fixed.levels) + level) if level < 0 else level
+    f_img = fixed.levels[lev]
+    m_img = moving.levels[min(lev, len(moving.levels) - 1)]
+    warped = sitk.Resample(m_img, f_img, transform, sitk.sitkLinear, float("nan"), sitk.sitkFloat32)
+    mask = sitk.Resample(fixed.mask, f_img, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    a = sitk.GetArrayViewFromImage(f_img)
+    b = sitk.GetArrayViewFromImage(warped)
+    sel = (sitk.GetArrayViewFromImage(mask) > 0) & np.isfinite(b)
+    if sel.sum() < 64:
+        return 0.0
+    a, b = a[sel], b[sel]
+
+    def _edges(x):
+        lo, hi = np.percentile(x, [1, 99])
+        return np.linspace(lo, hi if hi > lo else lo + 1.0, bins + 1)
+
+    h, _, _ = np.histogram2d(np.clip(a, *_edges(a)[[0, -1]]), np.clip(b, *_edges(b)[[0, -1]]),
+                             bins=[_edges(a), _edges(b)])
+    p = h / h.sum()
+
+    def ent(q):
+        q = q[q > 0]
+        return float(-(q * np.log(q)).sum())
+
+    hab = ent(p.ravel())
+    return float((ent(p.sum(1)) + ent(p.sum(0))) / hab - 1.0) if hab > 0 else 0.0
+
+
+def peak_ratio(fixed: Prepared, moving: Prepared, transform: sitk.Transform, bins: int,
+               shift_mm: float, at_solution: float | None = None) -> float:
+    """Similarity at the solution over its mean when shifted by ``shift_mm`` along each axis.
+
+    A correct alignment sits on a sharp similarity peak (ratios of about 3-5 for
+    brain images at 10 mm); a wrong one on a flat plateau (about 1).
+    """
+    m = sitk_bridge.linear_to_matrix(transform)
+    s0 = similarity(fixed, moving, transform, bins) if at_solution is None else at_solution
+    around = []
+    for ax in range(3):
+        for sign in (-1.0, 1.0):
+            sh = np.eye(4)
+            sh[ax, 3] = sign * shift_mm
+            around.append(similarity(fixed, moving, sitk_bridge.matrix_to_transform(m @ sh), bins))
+    base = float(np.mean(around))
+    return float(s0 / base) if base > 0 else float("inf")

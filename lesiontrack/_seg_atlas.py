@@ -1,0 +1,161 @@
+"""MNI152 atlas priors: templates, the lesion-location map and the template registration.
+
+The templates are the MNI152 2009 (symmetric) T1, grey- and white-matter
+probability maps and brain mask that nilearn ships inside its package (no
+download). The location map follows the MAGNIMS lesion topography: a voxel is
+*periventricular* near the lateral/third/fourth ventricles, *juxtacortical* in or
+next to the cortical ribbon, *infratentorial* in the brainstem or cerebellum,
+*deep white matter* elsewhere in the brain.
+"""
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage as ndi
+
+from . import sitk_bridge
+from .image import Image
+
+__all__ = ["LOCATION_NAMES", "load_templates", "location_map", "register_template"]
+
+log = logging.getLogger(__name__)
+
+LOCATION_NAMES = {0: "none", 1: "periventricular", 2: "juxtacortical",
+                  3: "infratentorial", 4: "deep white matter"}
+
+
+@lru_cache(maxsize=4)
+def load_templates(resolution: int) -> dict:
+    """The nilearn MNI152 templates at ``resolution`` mm as :class:`Image` (float32).
+
+    Keys: ``"T1w"`` (skull-stripped T1 template), ``"gm"``, ``"wm"`` (tissue
+    probabilities), ``"brain"`` (brain mask, 0/1).
+    """
+    from nilearn import datasets
+
+    loaders = {"T1w": datasets.load_mni152_template, "gm": datasets.load_mni152_gm_template,
+               "wm": datasets.load_mni152_wm_template, "brain": datasets.load_mni152_brain_mask}
+    out = {}
+    for key, fn in loaders.items():
+        nimg = fn(resolution=resolution)
+        out[key] = Image(np.asarray(nimg.get_fdata(), dtype=np.float32), nimg.affine,
+                         source=f"nilearn MNI152 {key} ({resolution} mm)")
+    return out
+
+
+def _mni_coords(img: Image):
+    """RAS mm coordinates (x, y, z) of every voxel of ``img``, as three broadcastable arrays."""
+    idx = np.ogrid[tuple(slice(0, n) for n in img.shape[:3])]
+    a = img.affine
+    return tuple(sum(a[r, c] * idx[c] for c in range(3)) + a[r, 3] for r in range(3))
+
+
+def location_map(resolution: int, cfg: dict) -> Image:
+    """Lesion-location classes (uint8, see :data:`LOCATION_NAMES`) on the template grid.
+
+    Parameters (``cfg`` = the ``[preprocess]`` section): ``ventricle_csf_min``
+    (CSF probability of the ventricles), ``ventricle_min_depth_mm`` (ventricles lie
+    deeper than this below the brain surface; sulcal CSF does not),
+    ``periventricular_mm``, ``juxtacortical_mm`` (distance from ventricle / cortex),
+    ``deep_gm_box_mm`` (MNI box [xmin, xmax, ymin, ymax, zmin, zmax] of the basal
+    ganglia and thalami, grey matter that is not cortex), ``infratentorial_max_z_mm``,
+    ``brainstem_half_width_mm``, ``brainstem_max_y_mm``, ``cerebellum_max_y_mm``.
+    """
+    key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in cfg.items()
+                       if k in _LOCATION_KEYS))
+    return _location_map(resolution, key)
+
+
+_LOCATION_KEYS = {"ventricle_csf_min", "ventricle_min_depth_mm", "periventricular_mm",
+                  "juxtacortical_mm", "deep_gm_box_mm", "infratentorial_max_z_mm",
+                  "brainstem_half_width_mm", "brainstem_max_y_mm", "cerebellum_max_y_mm"}
+
+
+@lru_cache(maxsize=4)
+def _location_map(resolution: int, key: tuple) -> Image:
+    cfg = dict(key)
+    t = load_templates(resolution)
+    sp = t["brain"].spacing
+    brain = t["brain"].data > 0.5
+    gm, wm = t["gm"].data, t["wm"].data
+    csf = np.clip(t["brain"].data - gm - wm, 0.0, 1.0)
+    depth = ndi.distance_transform_edt(brain, sampling=sp)
+    vent = (csf >= cfg["ventricle_csf_min"]) & (depth > cfg["ventricle_min_depth_mm"])
+    near_vent = ndi.distance_transform_edt(~vent, sampling=sp) <= cfg["periventricular_mm"]
+    x, y, z = _mni_coords(t["brain"])
+    bx = cfg["deep_gm_box_mm"]
+    deep_gm = ((x >= bx[0]) & (x <= bx[1]) & (y >= bx[2]) & (y <= bx[3])
+               & (z >= bx[4]) & (z <= bx[5]))
+    cortex = (gm >= 0.5) & ~deep_gm
+    near_cortex = ndi.distance_transform_edt(~cortex, sampling=sp) <= cfg["juxtacortical_mm"]
+    infra = (z < cfg["infratentorial_max_z_mm"]) & (
+        ((np.abs(x) <= cfg["brainstem_half_width_mm"]) & (y < cfg["brainstem_max_y_mm"]))
+        | (y < cfg["cerebellum_max_y_mm"]))
+    loc = np.full(brain.shape, 4, np.uint8)
+    loc[near_cortex] = 2
+    loc[near_vent] = 1
+    loc[infra & brain] = 3
+    loc[~brain] = 0
+    return t["brain"].with_data(loc, is_label=True, source="MNI152 lesion-location map")
+
+
+def _coarse(simg: sitk.Image, voxel_mm: float) -> sitk.Image:
+    """Smooth and resample a SimpleITK image to an isotropic ``voxel_mm`` grid."""
+    sp = np.array(simg.GetSpacing())
+    size = np.array(simg.GetSize())
+    new_size = [max(int(round(n)), 4) for n in size * sp / voxel_mm]
+    sm = sitk.SmoothingRecursiveGaussian(simg, float(voxel_mm) / 2.0)
+    return sitk.Resample(sm, new_size, sitk.Transform(), sitk.sitkLinear, simg.GetOrigin(),
+                         (float(voxel_mm),) * 3, simg.GetDirection(), 0.0, sitk.sitkFloat32)
+
+
+def register_template(fixed: Image, skullstripped: bool, cfg: dict) -> sitk.Transform:
+    """Affine transform mapping points of ``fixed`` (LPS) into the MNI152 template.
+
+    Mattes mutual information (so any of T1w, FLAIR, T2w works as ``fixed``),
+    centre-of-mass initialisation, a similarity (7 dof) then an affine (12 dof)
+    stage, each multi-resolution. On images with skull, the metric is restricted
+    to the template brain (the template is skull-stripped).
+    """
+    tmpl = load_templates(int(cfg["template_resolution"]))["T1w"]
+    f = _coarse(sitk.Cast(sitk_bridge.to_sitk(fixed, np.float32), sitk.sitkFloat32),
+                float(cfg["registration_voxel_mm"]))
+    m = sitk.Cast(sitk_bridge.to_sitk(tmpl), sitk.sitkFloat32)
+    init = sitk.CenteredTransformInitializer(f, m, sitk.Similarity3DTransform(),
+                                             sitk.CenteredTransformInitializerFilter.MOMENTS)
+    mmask = sitk.Cast(m > 0, sitk.sitkUInt8)
+    fmask = sitk.Cast(f > 0, sitk.sitkUInt8)
+    transform = init
+    for stage in ("similarity", "affine"):
+        if stage == "affine":
+            aff = sitk.AffineTransform(3)
+            mat = sitk_bridge.linear_to_matrix(transform)
+            aff.SetCenter(init.GetCenter())
+            c = np.array(init.GetCenter())
+            aff.SetMatrix(tuple(mat[:3, :3].ravel()))
+            aff.SetTranslation(tuple(mat[:3, :3] @ c + mat[:3, 3] - c))
+            transform = aff
+        reg = sitk.ImageRegistrationMethod()
+        reg.SetMetricAsMattesMutualInformation(int(cfg["registration_bins"]))
+        reg.SetMetricSamplingStrategy(reg.RANDOM)
+        reg.SetMetricSamplingPercentage(float(cfg["registration_sampling"]), 1)
+        reg.SetMetricMovingMask(mmask)
+        if skullstripped:
+            reg.SetMetricFixedMask(fmask)
+        reg.SetInterpolator(sitk.sitkLinear)
+        reg.SetOptimizerAsRegularStepGradientDescent(
+            learningRate=1.0, minStep=1e-4, numberOfIterations=int(cfg["registration_iterations"]),
+            relaxationFactor=0.6, gradientMagnitudeTolerance=1e-6)
+        reg.SetOptimizerScalesFromPhysicalShift()
+        reg.SetShrinkFactorsPerLevel([2, 1])
+        reg.SetSmoothingSigmasPerLevel([1.0, 0.0])
+        reg.SetSmoothingSigmasAreSpecifiedInPhysicalUnits(False)
+        reg.SetInitialTransform(transform, inPlace=True)
+        reg.Execute(f, m)
+        log.info("template registration %s: metric %.4f after %d iterations (%s)", stage,
+                 reg.GetMetricValue(), reg.GetOptimizerIteration(),
+                 reg.GetOptimizerStopConditionDescription())
+    return sitk_bridge.flatten(transform)

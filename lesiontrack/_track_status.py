@@ -1,0 +1,134 @@
+"""Status rules of tracked lesions and the image evidence behind them.
+
+Two tests decide whether a change seen in the masks is called a change
+(see ``docs/tracking.md`` for the literature behind every default):
+
+* **volume rule** — the volume change must exceed the largest of an absolute
+  minimum (``min_change_mm3``), a relative one that depends on the lesion size
+  (``enlarge_rel_small`` below ``size_boundary_mm3``, ``enlarge_rel_large`` above) and
+  the lesion's own measurement noise, ``mdc_z`` standard deviations of its volume.
+  The noise model has two parts, both scaled by the lesion's boundary shell (the
+  ``N`` voxels of its one-voxel inner boundary, voxel volume ``v``): a systematic
+  shift of the whole boundary by ``boundary_shift_voxels`` between visits
+  (registration, intensity normalisation), ``boundary_shift_voxels * N * v``, and
+  independent partial-volume decisions of the boundary voxels (each a coin flip at
+  worst), ``0.5 * sqrt(N) * v``; the two add in quadrature.
+* **image evidence** — with normalised FLAIR given, the changed voxels must change in
+  the images: the median FLAIR difference over them, in units of the robust standard
+  deviation of the brain-wide difference image, must reach ``min_intensity_z``
+  (an increase for new / enlarging, a decrease for shrinking / resolved).
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage as ndi
+
+__all__ = ["STATUS", "NEW", "ENLARGING", "STABLE", "SHRINKING", "RESOLVED",
+           "volume_status", "detectable_change", "boundary_shell", "DifferenceEvidence"]
+
+STATUS = np.array(["new", "enlarging", "stable", "shrinking", "resolved"], dtype=object)
+NEW, ENLARGING, STABLE, SHRINKING, RESOLVED = range(5)
+
+
+def boundary_shell(lab: np.ndarray, n: int) -> np.ndarray:
+    """Voxel count of each component's one-voxel inner boundary (6-neighbourhood)."""
+    mask = lab > 0
+    inner = ndi.binary_erosion(mask, ndi.generate_binary_structure(3, 1), border_value=0)
+    return np.bincount(lab[mask & ~inner], minlength=n + 1)
+
+
+def detectable_change(v0_mm3, shell_voxels, voxel_volume: float, cfg: dict) -> np.ndarray:
+    """Smallest volume change (mm^3) called a change, per lesion (see module notes)."""
+    v0 = np.asarray(v0_mm3, dtype=np.float64)
+    n = np.asarray(shell_voxels, dtype=np.float64)
+    sd = voxel_volume * np.sqrt((cfg["boundary_shift_voxels"] * n) ** 2 + 0.25 * n)
+    rel = np.where(v0 < cfg["size_boundary_mm3"], cfg["enlarge_rel_small"], cfg["enlarge_rel_large"])
+    return np.maximum(np.maximum(cfg["min_change_mm3"], rel * v0), cfg["mdc_z"] * sd)
+
+
+def volume_status(v0_mm3, v1_mm3, shell_voxels, voxel_volume: float, cfg: dict) -> np.ndarray:
+    """Status codes (ENLARGING / STABLE / SHRINKING) from the volume rule.
+
+    Parameters
+    ----------
+    v0_mm3, v1_mm3 : ndarray
+        Volume of the lesion (its whole lineage) at the previous and current visit.
+    shell_voxels : ndarray
+        Voxel count of its boundary shell at the previous visit.
+    voxel_volume : float
+        mm^3 per voxel.
+    cfg : dict
+        The ``[track]`` configuration.
+    """
+    v0 = np.asarray(v0_mm3, dtype=np.float64)
+    dv = np.asarray(v1_mm3, dtype=np.float64) - v0
+    need = detectable_change(v0, shell_voxels, voxel_volume, cfg)
+    out = np.full(v0.shape, STABLE, dtype=np.int8)
+    out[dv >= need] = ENLARGING
+    out[-dv >= need] = SHRINKING
+    return out
+
+
+class DifferenceEvidence:
+    """Significance of the FLAIR change between two visits over candidate regions.
+
+    Parameters
+    ----------
+    f_prev, f_cur : ndarray (float)
+        Normalised FLAIR of the two visits on one grid.
+    brain : ndarray of bool or None
+        Where to estimate the noise (default: where either image is non-zero).
+    exclude : ndarray of bool
+        Voxels left out of the noise estimate (lesions of either visit).
+
+    Notes
+    -----
+    The noise of the difference image is estimated over the brain minus the lesions:
+    its median (removed as a global offset), its robust standard deviation ``sigma``
+    (1.4826 times the median absolute deviation) and its spatial smoothness — the
+    lag-one autocorrelation ``rho`` along each axis, from the robust variance of the
+    voxel-to-voxel differences, gives the Gaussian kernel width
+    ``s = sqrt(-1 / (4 ln rho))`` voxels, and a region of ``n`` voxels holds about
+    ``n_eff = n / prod(max(1, 2 sqrt(pi) s))`` independent samples. The score of a
+    region is its median difference divided by the standard error of a median,
+    ``1.2533 * sigma / sqrt(n_eff)``: a one-sided z statistic that is independent
+    of the intensity scale, of global drifts and of the resampling smoothness.
+    """
+
+    def __init__(self, f_prev, f_cur, brain, exclude):
+        self.diff = np.asarray(f_cur, dtype=np.float32) - np.asarray(f_prev, dtype=np.float32)
+        region = (brain if brain is not None else (f_prev != 0) | (f_cur != 0)) & ~exclude
+        vals = self.diff[region]
+        if vals.size < 100:
+            raise ValueError(f"too few brain voxels outside lesions ({vals.size}) to estimate "
+                             "the FLAIR difference noise; check brain_mask")
+        self.offset = float(np.median(vals))
+        self.sigma = max(_robust_sd(vals, self.offset), 1e-6)
+        widths = []
+        for ax in range(3):                      # loop over the three axes
+            a = [slice(None)] * 3
+            b = [slice(None)] * 3
+            a[ax], b[ax] = slice(1, None), slice(None, -1)
+            pair = region[tuple(a)] & region[tuple(b)]
+            step = (self.diff[tuple(a)] - self.diff[tuple(b)])[pair]
+            rho = 1.0 - (_robust_sd(step, 0.0) ** 2) / (2 * self.sigma ** 2) if step.size else 0.0
+            s = np.sqrt(-1.0 / (4 * np.log(rho))) if 0 < rho < 1 else (0.0 if rho <= 0 else 10.0)
+            widths.append(max(1.0, 2 * np.sqrt(np.pi) * s))
+        self.resel = float(np.prod(widths))
+
+    def zscore(self, lab: np.ndarray, n: int) -> np.ndarray:
+        """Score (see Notes) of the difference over each label 1..n (NaN where empty)."""
+        out = np.full(n + 1, np.nan)
+        sel = lab > 0
+        if n == 0 or not sel.any():
+            return out
+        l1 = lab[sel]
+        present, count = np.unique(l1, return_counts=True)
+        med = np.asarray(ndi.median(self.diff[sel], labels=l1, index=present), dtype=np.float64)
+        n_eff = np.maximum(count / self.resel, 1.0)
+        out[present] = (med - self.offset) * np.sqrt(n_eff) / (1.2533 * self.sigma)
+        return out
+
+
+def _robust_sd(vals, centre) -> float:
+    return 1.4826 * float(np.median(np.abs(vals - centre)))

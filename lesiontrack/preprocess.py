@@ -1,0 +1,206 @@
+"""Subject priors (brain mask, tissue probabilities, lesion locations) and per-session preprocessing.
+
+:func:`prepare_subject` runs once per subject in the individual space: it
+registers the MNI152 T1 template that nilearn ships (affine, mutual information)
+to the subject's mean T1w (else FLAIR, else T2w) and carries the brain mask, the
+grey/white-matter priors and the lesion-location map into the subject grid.
+Skull-stripped input is detected from the image itself.
+
+:func:`preprocess_session` corrects the bias field (N4, fitted on a shrunk image and
+applied at full resolution) and normalises every structural contrast so that the
+normal-appearing white-matter peak is 1.0 (the histogram mode inside the WM prior,
+which lesion load does not move).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage as ndi
+
+from . import sitk_bridge
+from ._seg_atlas import LOCATION_NAMES, load_templates, location_map, register_template
+from ._seg_stats import tissue_peak
+from .image import Image
+
+__all__ = ["Priors", "PreprocessError", "LOCATION_NAMES", "prepare_subject", "preprocess_session",
+           "detect_skullstripped"]
+
+log = logging.getLogger(__name__)
+
+_NORMALISED = ("FLAIR", "T2w", "T1w", "ceT1w", "b1000")
+
+
+class PreprocessError(ValueError):
+    """Preprocessing cannot run on the given images or settings."""
+
+
+@dataclass
+class Priors:
+    """Subject-level priors on the individual grid.
+
+    Attributes
+    ----------
+    brain_mask : ndarray (bool)
+    wm_prob, gm_prob, csf_prob : ndarray (float32)
+        Tissue probabilities from the MNI152 templates.
+    location : ndarray (uint8)
+        0 none, 1 periventricular, 2 juxtacortical, 3 infratentorial, 4 deep white matter.
+    skullstripped : bool
+        Whether the input was found (or declared) skull-stripped.
+    """
+
+    brain_mask: np.ndarray
+    wm_prob: np.ndarray
+    gm_prob: np.ndarray
+    csf_prob: np.ndarray
+    location: np.ndarray
+    skullstripped: bool
+
+
+def _support(data: np.ndarray) -> np.ndarray:
+    """Largest connected non-zero region, holes filled."""
+    nz = data != 0
+    lab, n = ndi.label(nz)
+    if n == 0:
+        return nz
+    sizes = np.bincount(lab.ravel())
+    sizes[0] = 0
+    return ndi.binary_fill_holes(lab == int(np.argmax(sizes)))
+
+
+def detect_skullstripped(img: Image, cfg: dict) -> bool:
+    """Whether ``img`` is already skull-stripped.
+
+    A skull-stripped image has an exactly-zero background over a large part of
+    its field of view (at least ``skullstrip_min_background``) and its non-zero
+    region is no larger than a brain (``skullstrip_max_brain_ml`` mL, above any
+    adult intracranial volume); a head with scalp is two to three times larger.
+    """
+    bg = float(np.mean(img.data == 0))
+    if bg < float(cfg["skullstrip_min_background"]):
+        return False
+    vol_ml = float(_support(img.data).sum()) * img.voxel_volume / 1000.0
+    return vol_ml <= float(cfg["skullstrip_max_brain_ml"])
+
+
+def _check_cfg(cfg: dict):
+    ss = cfg.get("skullstripped")
+    if ss not in ("auto", True, False):
+        raise PreprocessError(f"[preprocess] skullstripped must be one of \"auto\", true, false; got {ss!r}")
+    if int(cfg["template_resolution"]) not in (1, 2):
+        raise PreprocessError(f"[preprocess] template_resolution must be 1 or 2 (mm), got "
+                              f"{cfg['template_resolution']!r}")
+
+
+def prepare_subject(grid_images: dict, cfg: dict) -> Priors:
+    """Atlas priors of one subject in the individual space.
+
+    Parameters
+    ----------
+    grid_images : dict[str, Image]
+        Across-session mean image of each modality on the individual grid.
+    cfg : dict
+        The ``[preprocess]`` section of the pipeline config.
+
+    Returns
+    -------
+    Priors
+    """
+    _check_cfg(cfg)
+    order = [m for m in cfg["template_modalities"] if m in grid_images]
+    if not order:
+        raise PreprocessError(f"prepare_subject needs one of {cfg['template_modalities']} "
+                              f"(the [preprocess] template_modalities), got {sorted(grid_images)}")
+    ref = grid_images[order[0]]
+    ss = cfg["skullstripped"]
+    skullstripped = detect_skullstripped(ref, cfg) if ss == "auto" else bool(ss)
+    transform = register_template(ref, skullstripped, cfg)
+    res = int(cfg["template_resolution"])
+    tmpl = load_templates(res)
+
+    def carry(img: Image) -> np.ndarray:
+        return sitk_bridge.resample(img, ref, transform).data
+
+    wm = np.clip(carry(tmpl["wm"]), 0, 1).astype(np.float32)
+    gm = np.clip(carry(tmpl["gm"]), 0, 1).astype(np.float32)
+    brain_p = np.clip(carry(tmpl["brain"]), 0, 1).astype(np.float32)
+    location = carry(location_map(res, cfg)).astype(np.uint8)
+    support = _support(ref.data)
+    if skullstripped:
+        brain = support
+    else:
+        brain = (brain_p >= 0.5) & support
+    csf = np.clip(np.maximum(brain_p, brain.astype(np.float32)) - wm - gm, 0, 1).astype(np.float32)
+    location[~brain] = 0
+    location[brain & (location == 0)] = 4
+    log.info("priors from %s: skull-stripped=%s, brain %.0f mL", order[0], skullstripped,
+             brain.sum() * ref.voxel_volume / 1000.0)
+    return Priors(brain, wm, gm, csf, location, skullstripped)
+
+
+def n4_correct(data: np.ndarray, mask: np.ndarray, spacing, cfg: dict) -> np.ndarray:
+    """N4 bias-field correction fitted on a shrunk image, applied at full resolution.
+
+    ``cfg`` keys: ``n4_shrink`` (integer shrink factor), ``n4_iterations`` (per
+    fitting level), ``n4_convergence``.
+    """
+    aff = np.diag([*map(float, spacing), 1.0])
+    img = sitk_bridge.to_sitk(Image(np.maximum(data, 0).astype(np.float32), aff))
+    msk = sitk_bridge.to_sitk(Image(mask.astype(np.uint8), aff, is_label=True))
+    shrink = [int(cfg["n4_shrink"])] * 3
+    corr = sitk.N4BiasFieldCorrectionImageFilter()
+    corr.SetMaximumNumberOfIterations([int(i) for i in cfg["n4_iterations"]])
+    corr.SetConvergenceThreshold(float(cfg["n4_convergence"]))
+    corr.Execute(sitk.Shrink(img, shrink), sitk.Shrink(msk, shrink))
+    logf = sitk_bridge.from_sitk(corr.GetLogBiasFieldAsImage(img)).data
+    return (data / np.exp(logf)).astype(np.float32)
+
+
+def preprocess_session(images: dict, priors: Priors, spacing, cfg: dict) -> dict:
+    """Bias-correct and normalise one session's images (individual grid).
+
+    Parameters
+    ----------
+    images : dict[str, ndarray]
+        Modality -> array on the individual grid.
+    priors : Priors
+    spacing : sequence of 3 floats
+        Voxel size (mm).
+    cfg : dict
+        The ``[preprocess]`` section: ``n4_modalities`` (contrasts to bias-correct),
+        N4 settings (see :func:`n4_correct`), ``nawm_prior_min`` (WM probability
+        of the voxels whose histogram peak defines normal-appearing white matter).
+
+    Returns
+    -------
+    dict[str, ndarray]
+        FLAIR, T2w, T1w, ceT1w and b1000 float32 with the NAWM peak at 1.0; ADC
+        (mm^2/s) and any other key unchanged.
+    """
+    brain = priors.brain_mask
+    nawm = brain & (priors.wm_prob >= float(cfg["nawm_prior_min"]))
+    out = {}
+    for mod, arr in images.items():               # loop over modalities
+        a = np.asarray(arr, dtype=np.float32)
+        if a.shape != brain.shape:
+            raise PreprocessError(f"{mod}: shape {a.shape} differs from the priors' grid {brain.shape}")
+        if mod not in _NORMALISED:
+            out[mod] = a
+            continue
+        valid = brain & (a > 0)
+        if mod in cfg["n4_modalities"] and valid.sum() > 1000:
+            a = n4_correct(a, valid, spacing, cfg)
+        sel = nawm & (a > 0)
+        if sel.sum() < 1000:
+            sel = valid
+        if sel.sum() < 100:
+            raise PreprocessError(f"{mod}: fewer than 100 positive voxels inside the brain mask; "
+                                  "the image does not overlap the brain")
+        peak = tissue_peak(a[sel], bins=int(cfg["histogram_bins"]))
+        if peak.mode <= 0:
+            raise PreprocessError(f"{mod}: normal-appearing white-matter peak is {peak.mode:g} (<= 0)")
+        out[mod] = a / np.float32(peak.mode)
+    return out

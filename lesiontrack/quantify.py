@@ -1,0 +1,226 @@
+"""Per-lesion and per-session statistics of a tracked subject (the contract's tables).
+
+:func:`lesion_table` gives ``sub-<s>_desc-lesions_stats.tsv`` and :func:`session_table`
+``sub-<s>_desc-sessions_stats.tsv``; :data:`LESION_COLUMNS` and :data:`SESSION_COLUMNS`
+describe every column for the JSON sidecars. Everything is computed once per session
+over all lesion labels at a time (``np.bincount`` / ``scipy.ndimage`` with an index
+array); a measure whose contrast is missing at a session is NaN there, not zero.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy import ndimage as ndi
+
+from .image import Image
+
+__all__ = ["lesion_table", "session_table", "LESION_COLUMNS", "SESSION_COLUMNS",
+           "QuantifyError", "LOCATION_NAMES"]
+
+LOCATION_NAMES = np.array(["none", "periventricular", "juxtacortical", "infratentorial",
+                           "deep white matter"], dtype=object)
+_MEASURES = ("restricted", "blackhole", "enhancing")
+
+LESION_COLUMNS = {
+    "lesion_id": {"Description": "Lesion identifier; the label value of this lesion in every "
+                                 "session's space-individual desc-lesions_dseg map", "Units": "n/a"},
+    "session_id": {"Description": "Session, as in sessions.tsv", "Units": "n/a"},
+    "volume_mm3": {"Description": "T2/FLAIR lesion volume at this session (0 when resolved "
+                                  "or merged)", "Units": "mm^3"},
+    "status": {"Description": "new | enlarging | stable | shrinking | resolved, relative to the "
+                              "previous session, by the rules of docs/tracking.md",
+               "Units": "n/a"},
+    "restricted_mm3": {"Description": "Volume of the lesion with restricted diffusion (n/a "
+                                      "without DWI at this session)", "Units": "mm^3"},
+    "blackhole_mm3": {"Description": "Volume of the lesion that is a T1 black hole (n/a "
+                                     "without T1w at this session)", "Units": "mm^3"},
+    "enhancing_mm3": {"Description": "Volume of the lesion enhancing after gadolinium (n/a "
+                                     "without contrast-enhanced T1w at this session)",
+                      "Units": "mm^3"},
+    "centroid_x": {"Description": "Lesion centre of mass, x (RAS world coordinate of the "
+                                  "individual space; n/a when the volume is 0)", "Units": "mm"},
+    "centroid_y": {"Description": "Lesion centre of mass, y (RAS)", "Units": "mm"},
+    "centroid_z": {"Description": "Lesion centre of mass, z (RAS)", "Units": "mm"},
+    "merged_into": {"Description": "lesion_id of the lesion this one joined at this session "
+                                   "(empty otherwise)", "Units": "n/a"},
+    "split_from": {"Description": "lesion_id of the lesion this one came out of at this "
+                                  "session (empty otherwise)", "Units": "n/a"},
+}
+_LOCATION_COLUMN = {"location": {"Description": "Most frequent location class of the lesion's "
+                                                "voxels: periventricular, juxtacortical, "
+                                                "infratentorial, deep white matter or none",
+                                 "Units": "n/a"}}
+
+SESSION_COLUMNS = {
+    "session_id": {"Description": "Session, as in sessions.tsv", "Units": "n/a"},
+    "acq_time": {"Description": "Acquisition date and time (ISO 8601), from sessions.tsv",
+                 "Units": "n/a"},
+    "lesion_count": {"Description": "Number of T2/FLAIR lesions present", "Units": "count"},
+    "lesion_volume_mm3": {"Description": "Total T2/FLAIR lesion volume", "Units": "mm^3"},
+    "new_count": {"Description": "Lesions with status new (at the first session: the lesions "
+                                 "present, when the pipeline counts baseline lesions as new)",
+                  "Units": "count"},
+    "enlarging_count": {"Description": "Lesions with status enlarging", "Units": "count"},
+    "resolved_count": {"Description": "Lesions with status resolved", "Units": "count"},
+    "restricted_volume_mm3": {"Description": "Total volume with restricted diffusion (n/a "
+                                             "without DWI)", "Units": "mm^3"},
+    "blackhole_volume_mm3": {"Description": "Total T1 black-hole volume (n/a without T1w)",
+                             "Units": "mm^3"},
+    "enhancing_count": {"Description": "Number of gadolinium-enhancing lesions (n/a without "
+                                       "contrast-enhanced T1w)", "Units": "count"},
+    "neda": {"Description": "No evidence of disease activity on MRI over the interval ending "
+                            "at this session: no new or enlarging T2 lesion and no enhancing "
+                            "lesion (empty for the first session, or when enhancement is "
+                            "unknown)", "Units": "n/a"},
+}
+
+
+class QuantifyError(ValueError):
+    """Inputs of the quantification step do not fit together."""
+
+
+def _available(m, what: str) -> bool:
+    avail = getattr(m, "available", None)
+    return getattr(m, what, None) is not None and (avail is None or what in avail)
+
+
+def _check(tracking, masks, n_ids: int, grid: Image):
+    n = len(tracking.labels)
+    if len(masks) != n or n_ids != n:
+        raise QuantifyError(f"tracking has {n} sessions but {len(masks)} masks and {n_ids} "
+                            "session ids were given")
+    if tracking.labels[0].shape != grid.shape[:3]:
+        raise QuantifyError(f"tracking labels have shape {tracking.labels[0].shape}, the grid "
+                            f"{grid.shape[:3]}")
+
+
+def lesion_table(tracking, masks, session_ids, grid: Image, priors=None) -> pd.DataFrame:
+    """One row per lesion per session (``desc-lesions_stats`` contract columns).
+
+    Parameters
+    ----------
+    tracking : Tracking
+        Result of :func:`lesiontrack.track.track_lesions`.
+    masks : list of SessionMasks
+        Per session, with bool arrays ``restricted``, ``blackhole``, ``enhancing`` and
+        the set ``available`` of measures that could be computed.
+    session_ids : list of str
+        Session labels in time order (e.g. ``ses-01``).
+    grid : Image
+        The individual space (affine for the centroids, voxel volume).
+    priors : Priors, optional
+        With a ``location`` array: adds a ``location`` column.
+
+    Returns
+    -------
+    DataFrame
+    """
+    session_ids = list(session_ids)
+    _check(tracking, masks, len(session_ids), grid)
+    vv = grid.voxel_volume
+    loc = None if priors is None else getattr(priors, "location", None)
+    parts = []
+    for t, lab in enumerate(tracking.labels):            # loop over sessions only
+        ev = tracking.events[tracking.events["session_index"] == t]
+        ids = ev["lesion_id"].to_numpy(dtype=np.int64)
+        nmax = int(max(lab.max(), ids.max() if ids.size else 0))
+        counts = np.bincount(lab.ravel(), minlength=nmax + 1)
+        df = pd.DataFrame({"lesion_id": ev["lesion_id"].to_numpy(),
+                           "session_id": session_ids[t],
+                           "volume_mm3": counts[ids] * vv,
+                           "status": ev["status"].to_numpy()})
+        for what in _MEASURES:
+            if _available(masks[t], what):
+                sel = np.asarray(getattr(masks[t], what), dtype=bool)
+                per = np.bincount(lab[sel], minlength=nmax + 1) * vv
+                df[f"{what}_mm3"] = per[ids]
+            else:
+                df[f"{what}_mm3"] = np.nan
+        present = counts[ids] > 0
+        xyz = np.full((ids.size, 3), np.nan)
+        if present.any():
+            com = np.atleast_2d(np.asarray(ndi.center_of_mass(lab > 0, lab, ids[present]), float))
+            xyz[present] = grid.world_coords(com)
+        df["centroid_x"], df["centroid_y"], df["centroid_z"] = xyz[:, 0], xyz[:, 1], xyz[:, 2]
+        df["merged_into"] = ev["merged_into"].to_numpy()
+        df["split_from"] = ev["split_from"].to_numpy()
+        if loc is not None:
+            df["location"] = _location(lab, np.asarray(loc), ids, nmax)
+        parts.append(df)
+    out = pd.concat(parts, ignore_index=True)
+    for col in ("lesion_id", "merged_into", "split_from"):
+        out[col] = out[col].astype("Int64")
+    return out
+
+
+def _location(lab, loc, ids, nmax) -> np.ndarray:
+    """Most frequent location class per lesion (empty string when absent)."""
+    sel = lab > 0
+    nloc = len(LOCATION_NAMES)
+    hist = np.bincount(lab[sel].astype(np.int64) * nloc + np.clip(loc[sel], 0, nloc - 1),
+                       minlength=(nmax + 1) * nloc).reshape(nmax + 1, nloc)
+    names = LOCATION_NAMES[hist.argmax(axis=1)].astype(object)
+    names[hist.sum(axis=1) == 0] = ""
+    return names[ids]
+
+
+def session_table(tracking, masks, sessions_df: pd.DataFrame, grid: Image,
+                  lesion_df: pd.DataFrame) -> pd.DataFrame:
+    """One row per session (``desc-sessions_stats`` contract columns, ``neda``, clinical).
+
+    Parameters
+    ----------
+    tracking : Tracking
+    masks : list of SessionMasks
+    sessions_df : DataFrame
+        ``sessions.tsv`` content in time order: ``session_id``, ``acq_time`` and any
+        clinical columns (copied through).
+    grid : Image
+    lesion_df : DataFrame
+        The result of :func:`lesion_table`.
+
+    Returns
+    -------
+    DataFrame
+    """
+    if "session_id" not in sessions_df.columns:
+        raise QuantifyError(f"sessions_df needs a session_id column, has {list(sessions_df.columns)}")
+    sessions_df = sessions_df.reset_index(drop=True)
+    sids = sessions_df["session_id"].astype(str).tolist()
+    _check(tracking, masks, len(sids), grid)
+    vv = grid.voxel_volume
+    status = pd.crosstab(lesion_df["session_id"], lesion_df["status"]).reindex(
+        index=sids, columns=["new", "enlarging", "resolved"], fill_value=0)
+    rows = []
+    for t, lab in enumerate(tracking.labels):
+        m = masks[t]
+        present = np.unique(lab[lab > 0])
+        row = {"session_id": sids[t],
+               "acq_time": sessions_df["acq_time"].iloc[t] if "acq_time" in sessions_df else pd.NA,
+               "lesion_count": int(present.size),
+               "lesion_volume_mm3": float(np.count_nonzero(lab)) * vv,
+               "new_count": int(status.loc[sids[t], "new"]),
+               "enlarging_count": int(status.loc[sids[t], "enlarging"]),
+               "resolved_count": int(status.loc[sids[t], "resolved"])}
+        for what in ("restricted", "blackhole"):
+            row[f"{what}_volume_mm3"] = (float(np.count_nonzero(getattr(m, what))) * vv
+                                         if _available(m, what) else np.nan)
+        row["enhancing_count"] = _enhancing_count(lab, m) if _available(m, "enhancing") else pd.NA
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    out["enhancing_count"] = out["enhancing_count"].astype("Int64")
+    active = (out["new_count"] + out["enlarging_count"] > 0).astype("boolean")
+    neda = ~(active | (out["enhancing_count"] > 0))
+    neda[out["enhancing_count"].isna() & ~active] = pd.NA
+    neda.iloc[0] = pd.NA
+    out["neda"] = neda.astype("boolean")
+    extra = [c for c in sessions_df.columns if c not in out.columns]
+    return pd.concat([out, sessions_df[extra]], axis=1)
+
+
+def _enhancing_count(lab, m) -> int:
+    """Lesions containing enhancing voxels, plus enhancing components outside any lesion."""
+    enh = np.asarray(m.enhancing, dtype=bool)
+    inside = np.unique(lab[enh & (lab > 0)]).size
+    _, outside = ndi.label(enh & (lab == 0), structure=ndi.generate_binary_structure(3, 3))
+    return int(inside + outside)

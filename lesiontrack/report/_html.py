@@ -1,0 +1,115 @@
+"""HTML assembly: the Jinja2 environment (autoescaping), tables and the methods text."""
+from __future__ import annotations
+
+import base64
+import hashlib
+from importlib import resources
+
+import numpy as np
+import pandas as pd
+from jinja2 import Environment, PackageLoader
+from markupsafe import Markup
+
+from .. import __version__
+
+__all__ = ["render", "table", "methods_paragraphs"]
+
+_STEPS = (  # config section -> what the step does (the methods text)
+    ("registration", "Every contrast was rigidly aligned to its visit's reference (FLAIR, else "
+                     "T2w) and every visit to an unbiased subject space; each image was resampled "
+                     "once from its native data"),
+    ("preprocess", "Images were bias-field corrected and intensity-normalised to the normal-"
+                   "appearing white-matter peak within a brain mask, with tissue priors from the "
+                   "MNI152 templates"),
+    ("segment", "T2/FLAIR lesions, diffusion restriction, T1 black holes and gadolinium "
+                "enhancement were segmented at every visit"),
+    ("track", "Lesions were matched across visits to give each one identity, and classified per "
+              "interval as new, enlarging, stable, shrinking or resolved"),
+)
+
+
+def _status_script() -> str:
+    return (resources.files("lesiontrack.report") / "templates" / "status.js").read_text("utf-8")
+
+
+def _env() -> Environment:
+    env = Environment(loader=PackageLoader("lesiontrack.report", "templates"), autoescape=True,
+                      trim_blocks=True, lstrip_blocks=True)
+    return env
+
+
+def render(template: str, **context) -> str:
+    """Render ``template`` with autoescaping; adds the status script and its CSP hash."""
+    js = _status_script()
+    digest = base64.b64encode(hashlib.sha256(js.encode("utf-8")).digest()).decode("ascii")
+    return _env().get_template(template).render(
+        status_js=Markup(js), script_hash=f"sha256-{digest}", version=__version__, **context)
+
+
+def _fmt(v, col: str) -> str:
+    if v is None or (not isinstance(v, str) and pd.isna(v)):
+        return "n/a"
+    if isinstance(v, (bool, np.bool_)):
+        return "yes" if v else ""
+    if isinstance(v, (float, np.floating)):
+        if float(v).is_integer() and not col.endswith("mm3"):
+            return f"{v:.0f}" if abs(v) >= 10 or col.endswith("count") else f"{v:g}"
+        return f"{v:,.1f}" if col.endswith("mm3") else f"{v:.4g}"
+    return str(v)
+
+
+def table(df: pd.DataFrame, flag_column: str | None = None, max_rows: int | None = None) -> dict:
+    """A table for the templates: ``columns``, ``rows`` (strings, escaped later), ``flags``."""
+    if df is None:
+        df = pd.DataFrame()
+    shown = df if max_rows is None else df.head(max_rows)
+    flags = [False] * len(shown)
+    if flag_column and flag_column in shown.columns:
+        f = shown[flag_column].astype("string").str.lower().isin(["true", "1", "yes"])
+        flags = f.fillna(False).tolist()
+    rows = [[_fmt(v, str(c)) for c, v in zip(shown.columns, rec)]
+            for rec in shown.itertuples(index=False, name=None)]
+    return dict(columns=[str(c) for c in shown.columns], rows=rows, flags=flags,
+                n_total=len(df), n_shown=len(shown))
+
+
+def _settings(section) -> str:
+    flat = []
+
+    def walk(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                flat.append(f"{prefix}{k} = {v}")
+    if isinstance(section, dict):
+        walk(section)
+    return "; ".join(flat)
+
+
+def methods_paragraphs(result) -> list:
+    """The methods text, generated from the run's configuration and software versions."""
+    cfg, prov = result.config or {}, result.provenance or {}
+    sids = list(result.session_ids)
+    mods = sorted({m for s in sids for m in result.images.get(s, {})})
+    version = prov.get("lesiontrack_version") or (prov.get("versions") or {}).get("lesiontrack") \
+        or __version__
+    first = (f"Images of sub-{result.subject} ({len(sids)} visit{'s' if len(sids) != 1 else ''}: "
+             f"{', '.join(sids)}; contrasts {', '.join(mods) or 'none'}) were processed with "
+             f"lesiontrack {version}")
+    if prov.get("config_hash"):
+        first += f" (pipeline configuration {prov['config_hash']})"
+    paras = [first + "."]
+    for key, text in _STEPS:
+        if key in cfg:
+            s = _settings(cfg[key])
+            paras.append(f"{text}{' (' + s + ')' if s else ''}.")
+    vers = prov.get("versions") or {}
+    if vers:
+        paras.append("Software: " + ", ".join(f"{k} {v}" for k, v in vers.items()) + ".")
+    other = {k: v for k, v in prov.items()
+             if k not in ("versions", "config_hash", "lesiontrack_version", "version", "subject")
+             and v is not None and not isinstance(v, (dict, list))}
+    if other:
+        paras.append("Run: " + "; ".join(f"{k} = {v}" for k, v in other.items()) + ".")
+    return paras

@@ -1,0 +1,270 @@
+"""Vectorised per-session segmentation: T2/FLAIR lesions, restricted diffusion, black holes, enhancement.
+
+Method
+------
+Every threshold is expressed against the subject's own normal-appearing tissue:
+the peak (mode) and half-width of the intensity histogram of white matter and of
+grey matter (voxels with a high MNI prior probability), statistics that neither
+lesions nor atlas misregistration move.
+
+1. *Lesions*. For FLAIR and T2w, a voxel's hyperintensity is the smaller of its
+   z-scores against the white- and the grey-matter peak (it must be abnormal for
+   either tissue). The two contrasts are combined by their geometric mean, so
+   a voxel must be bright on both (CSF is bright on T2w but dark on FLAIR; the
+   FLAIR-bright cortex is not T2w-bright beyond grey matter). Lesions grow by
+   hysteresis from confident seeds (``seed_z``) through connected voxels above
+   ``grow_z``; components below ``min_lesion_mm3`` and components whose border is
+   mostly CSF or outside the brain (sulcal partial-volume artefacts,
+   ``max_csf_border``) are dropped.
+2. *Restricted diffusion*: lesion voxels with ADC below ``adc_max_restricted``
+   (mm^2/s) and bright on b1000 relative to NAWM.
+3. *Black holes*: lesion voxels with T1w below ``blackhole_t1_max`` x the NAWM peak.
+4. *Enhancement*: lesion voxels whose ceT1w - T1w difference exceeds its NAWM
+   distribution by ``enhancing_z`` sigma.
+
+All images must be preprocessed (:func:`lesiontrack.preprocess.preprocess_session`):
+on the same grid, NAWM peak = 1.0. The work is done inside the bounding box of the
+brain mask.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from ._seg_measures import lesion_measures
+from ._seg_stats import tissue_peak
+
+__all__ = ["SessionMasks", "SegmentError", "segment_session", "lesion_measures", "lesion_score"]
+
+MEASURES = ("lesion", "restricted", "blackhole", "enhancing")
+
+
+class SegmentError(ValueError):
+    """Segmentation cannot run on the given images or settings."""
+
+
+@dataclass
+class SessionMasks:
+    """Masks of one session on the individual grid (bool arrays of one shape).
+
+    ``available`` names the measures the session's contrasts could give (a
+    measure not available is an all-False mask, not a finding).
+    """
+
+    lesion: np.ndarray
+    restricted: np.ndarray
+    blackhole: np.ndarray
+    enhancing: np.ndarray
+    available: set = field(default_factory=set)
+
+
+def _check_cfg(cfg: dict):
+    for key in ("seed_z", "grow_z", "min_lesion_mm3", "csf_z", "max_csf_border",
+                "adc_max_restricted", "b1000_z", "blackhole_t1_max", "enhancing_z"):
+        if key not in cfg:
+            raise SegmentError(f"[segment] setting '{key}' is missing from the pipeline config")
+    if not cfg["seed_z"] >= cfg["grow_z"]:
+        raise SegmentError(f"[segment] seed_z ({cfg['seed_z']}) must be >= grow_z ({cfg['grow_z']})")
+    if cfg["connectivity"] not in (1, 2, 3):
+        raise SegmentError(f"[segment] connectivity must be 1, 2 or 3, got {cfg['connectivity']!r}")
+    if not 0 <= cfg["max_csf_border"] <= 1:
+        raise SegmentError(f"[segment] max_csf_border must lie in [0, 1], got {cfg['max_csf_border']!r}")
+
+
+def _bbox(mask: np.ndarray, margin: int = 1):
+    """Slices of the bounding box of ``mask`` (whole array when empty)."""
+    if not mask.any():
+        return tuple(slice(0, n) for n in mask.shape)
+    out = []
+    for ax in range(3):
+        other = tuple(a for a in range(3) if a != ax)
+        idx = np.flatnonzero(mask.any(axis=other))
+        out.append(slice(max(int(idx[0]) - margin, 0), min(int(idx[-1]) + 1 + margin, mask.shape[ax])))
+    return tuple(out)
+
+
+class _Tissue:
+    """Peaks of normal-appearing WM and GM per contrast (inside the brain crop).
+
+    The peaks are estimated from a regular subsample of at most ``max_samples``
+    voxels of each tissue (the histogram mode needs far fewer than a brain holds).
+    """
+
+    def __init__(self, brain, wm, gm, cfg):
+        wmin, gmin = cfg["tissue_prior_min"]
+        cap = int(cfg["max_samples"])
+        self.idx = {}
+        for name, sel in (("wm", brain & (wm >= wmin)), ("gm", brain & (gm >= gmin) & (wm < wmin))):
+            idx = np.flatnonzero(sel)
+            if idx.size < 100:
+                idx = np.flatnonzero(brain)
+            self.idx[name] = idx[::max(1, idx.size // cap)]
+        self.bins = int(cfg["histogram_bins"])
+        self._cache = {}
+
+    def peak(self, key, arr, tissue="wm"):
+        if (key, tissue) not in self._cache:
+            v = arr.ravel()[self.idx[tissue]]
+            v = v[v > 0] if key != "enh" else v
+            if v.size < 100:
+                raise SegmentError(f"{key}: fewer than 100 positive voxels in the {tissue.upper()} "
+                                   "prior; the image does not overlap the brain")
+            self._cache[key, tissue] = tissue_peak(v, bins=self.bins)
+        return self._cache[key, tissue]
+
+    def z_hyper(self, key, arr):
+        """Hyperintensity: the smaller z against the WM and the GM peak (low-side widths)."""
+        pw, pg = self.peak(key, arr, "wm"), self.peak(key, arr, "gm")
+        zw = arr - np.float32(pw.mode)
+        zw *= np.float32(1.0 / pw.sigma_low)
+        zg = arr - np.float32(pg.mode)
+        zg *= np.float32(1.0 / pg.sigma_low)
+        return np.minimum(zw, zg, out=zw)
+
+
+def lesion_score(images: dict, brain, tissue: _Tissue) -> np.ndarray:
+    """Combined FLAIR/T2w hyperintensity z (geometric mean of the clipped z-scores)."""
+    zs = [np.maximum(tissue.z_hyper(m, images[m]), 0, out=None) for m in ("FLAIR", "T2w") if m in images]
+    if not zs:
+        raise SegmentError("lesion segmentation needs FLAIR or T2w; neither is present "
+                           "(give an external lesion mask instead)")
+    if len(zs) == 1:
+        score = zs[0]
+    else:
+        score = np.multiply(zs[0], zs[1], out=zs[0])
+        np.sqrt(score, out=score)
+    score[~brain] = 0
+    return score
+
+
+def _neighbour_offsets(shape, connectivity):
+    """Flat-index offsets of the neighbours of a voxel (C order)."""
+    st = ndi.generate_binary_structure(3, connectivity)
+    st[1, 1, 1] = False
+    d = np.argwhere(st) - 1
+    strides = np.array([shape[1] * shape[2], shape[2], 1])
+    return d @ strides
+
+
+def _segment_lesions(images, brain, location, tissue, spacing, cfg) -> np.ndarray:
+    score = lesion_score(images, brain, tissue)
+    conn = int(cfg["connectivity"])
+    # hysteresis: components of {score > grow_z} that contain a seed (score > seed_z)
+    lab, n = ndi.label(score > float(cfg["grow_z"]), structure=ndi.generate_binary_structure(3, conn))
+    if n == 0:
+        return np.zeros(brain.shape, bool)
+    keep = np.zeros(n + 1, bool)
+    keep[lab[score > float(cfg["seed_z"])]] = True
+    vox = float(np.prod(spacing))
+    keep &= np.bincount(lab.ravel(), minlength=n + 1) * vox >= float(cfg["min_lesion_mm3"])
+    keep[0] = False
+    lesion = keep[lab]
+    # CSF-border pruning: share of each component's outside contacts that are CSF-like
+    if "FLAIR" in images:
+        ref = images["FLAIR"]
+    elif "T1w" in images:
+        ref = images["T1w"]
+    else:
+        return lesion
+    p = tissue.peak("FLAIR" if "FLAIR" in images else "T1w", ref)
+    # CSF-like voxels outside the periventricular zone (periventricular lesions border the
+    # ventricles by definition) and outside the brain
+    csf = ((ref < p.mode - float(cfg["csf_z"]) * p.sigma_low) & (location != 1)) | ~brain
+    idx = np.flatnonzero(lesion)
+    last = lesion.size - 1     # the crop keeps a 1-voxel margin; clipping guards a brain at the FOV edge
+    labs = lab.ravel()[idx]
+    les_f, csf_f = lesion.ravel(), csf.ravel()
+    n_out = np.zeros(idx.size, np.float64)
+    n_csf = np.zeros(idx.size, np.float64)
+    for off in _neighbour_offsets(lesion.shape, conn):      # loop over neighbour offsets
+        nb = np.clip(idx + off, 0, last)
+        out = ~les_f[nb]
+        n_out += out
+        n_csf += out & csf_f[nb]
+    border = np.bincount(labs, weights=n_out, minlength=n + 1)
+    on_csf = np.bincount(labs, weights=n_csf, minlength=n + 1)
+    keep &= on_csf <= float(cfg["max_csf_border"]) * np.maximum(border, 1)
+    return keep[lab]
+
+
+def _empty(shape):
+    return np.zeros(shape, dtype=bool)
+
+
+def segment_session(images: dict, priors, spacing, cfg: dict, lesion_mask=None) -> SessionMasks:
+    """Segment one preprocessed session.
+
+    Parameters
+    ----------
+    images : dict[str, ndarray]
+        Preprocessed contrasts on the individual grid (``FLAIR``, ``T2w``, ``T1w``,
+        ``ceT1w``, ``b1000`` with NAWM peak 1.0; ``ADC`` in mm^2/s). FLAIR or T2w
+        is needed unless ``lesion_mask`` is given.
+    priors : lesiontrack.preprocess.Priors
+    spacing : sequence of 3 floats
+        Voxel size in mm.
+    cfg : dict
+        The ``[segment]`` section of the pipeline config.
+    lesion_mask : ndarray of bool, optional
+        An external lesion mask (LST-AI, manual, ...) used instead of the
+        T2/FLAIR segmentation; everything downstream uses it.
+
+    Returns
+    -------
+    SessionMasks
+    """
+    _check_cfg(cfg)
+    brain_full = np.asarray(priors.brain_mask, dtype=bool)
+    shape = brain_full.shape
+    for mod, arr in images.items():
+        if np.shape(arr) != shape:
+            raise SegmentError(f"{mod}: shape {np.shape(arr)} differs from the brain mask {shape}")
+    if lesion_mask is not None and np.shape(lesion_mask) != shape:
+        raise SegmentError(f"lesion_mask: shape {np.shape(lesion_mask)} differs from the brain mask {shape}")
+    box = _bbox(brain_full if lesion_mask is None else (brain_full | np.asarray(lesion_mask, bool)))
+    brain = brain_full[box]
+    imgs = {m: np.asarray(a, dtype=np.float32)[box] for m, a in images.items()}
+    tissue = _Tissue(brain, priors.wm_prob[box], priors.gm_prob[box], cfg)
+    available = {"lesion"}
+    if lesion_mask is not None:
+        lesion = np.asarray(lesion_mask, dtype=bool)[box]
+    else:
+        lesion = _segment_lesions(imgs, brain, priors.location[box], tissue, spacing, cfg)
+
+    restricted = np.zeros_like(lesion)
+    if "ADC" in imgs:
+        adc = imgs["ADC"]
+        restricted = lesion & (adc > 0) & (adc < float(cfg["adc_max_restricted"]))
+        if "b1000" in imgs:
+            b = imgs["b1000"]
+            p = tissue.peak("b1000", b)
+            restricted &= b > p.mode + float(cfg["b1000_z"]) * p.sigma_low
+        available.add("restricted")
+
+    blackhole = np.zeros_like(lesion)
+    if "T1w" in imgs:
+        t1 = imgs["T1w"]
+        blackhole = lesion & (t1 > 0) & (t1 < float(cfg["blackhole_t1_max"]))
+        available.add("blackhole")
+
+    enhancing = np.zeros_like(lesion)
+    if "ceT1w" in imgs:
+        d = imgs["ceT1w"] - imgs["T1w"] if "T1w" in imgs else imgs["ceT1w"]
+        p = tissue.peak("enh", d)
+        enhancing = lesion & (d > p.mode + float(cfg["enhancing_z"]) * p.sigma_low)
+        if "T1w" in imgs:
+            enhancing &= imgs["T1w"] > 0
+        lab, n = ndi.label(enhancing, structure=ndi.generate_binary_structure(3, int(cfg["connectivity"])))
+        keep = np.bincount(lab.ravel(), minlength=n + 1) * float(np.prod(spacing)) >= float(cfg["enhancing_min_mm3"])
+        keep[0] = False
+        enhancing = keep[lab]
+        available.add("enhancing")
+
+    def full(m):
+        out = _empty(shape)
+        out[box] = m
+        return out
+
+    return SessionMasks(full(lesion), full(restricted), full(blackhole), full(enhancing), available)

@@ -1,0 +1,295 @@
+"""Longitudinal lesion tracking: identities, statuses, change maps and events.
+
+:func:`track_lesions` takes every visit's lesion mask on the subject grid and follows
+each lesion through time:
+
+* **identity** — connected components of consecutive visits are matched by voxel
+  overlap as a bipartite graph (:mod:`lesiontrack._track_match`); splits keep the
+  lineage in the part with the largest overlap and give the other parts new IDs with
+  ``split_from``; merges give the confluent lesion the ID of its largest-overlap
+  predecessor and record ``merged_into`` for the others, whose voxels carry the
+  surviving ID in later ``labels`` maps; the footprint of a resolved lesion is
+  remembered, and a lesion reappearing there gets its old ID back;
+* **status** — new / enlarging / stable / shrinking / resolved by the rules of
+  :mod:`lesiontrack._track_status` (volume rule with a minimum detectable change, and
+  FLAIR evidence when the images are given), documented in ``docs/tracking.md``;
+* **change maps** — 1 where a new or enlarging lesion gained voxels, 2 where a
+  shrinking or (image-confirmed) resolved lesion lost voxels; boundary changes of
+  lesions judged stable are noise and are not drawn.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from ._track_match import _first_per_group, label_components, match_components
+from ._track_status import (ENLARGING, NEW, RESOLVED, SHRINKING, STABLE, STATUS,
+                            DifferenceEvidence, boundary_shell, volume_status)
+
+__all__ = ["Tracking", "TrackingError", "track_lesions", "EVENT_COLUMNS"]
+
+EVENT_COLUMNS = ["lesion_id", "session_index", "status", "merged_into", "split_from", "volume_mm3"]
+_KEYS = {"connectivity": int, "min_overlap_voxels": int, "min_change_mm3": float,
+         "size_boundary_mm3": float, "enlarge_rel_small": float, "enlarge_rel_large": float,
+         "boundary_shift_voxels": float, "mdc_z": float, "min_intensity_z": float, "baseline_status": str,
+         "merged_status": str, "remember_resolved": bool}
+
+
+class TrackingError(ValueError):
+    """Inputs or settings of the tracking step are unusable."""
+
+
+@dataclass
+class Tracking:
+    """Result of :func:`track_lesions`.
+
+    Attributes
+    ----------
+    labels : list of ndarray (int32)
+        Lesion-ID map per session; the same ID marks the same lesion at every
+        session (IDs >= 1, 0 = background). After a merge the confluent lesion
+        carries the surviving ID only.
+    change : list of (ndarray (uint8) or None)
+        None for the first session; else 1 = voxels that became lesion since the
+        previous session, 2 = voxels that stopped being lesion (detectable changes only).
+    events : DataFrame
+        One row per lesion per session from its first appearance up to and including
+        the session where it resolves or merges (volume 0), and again if it comes back.
+        Columns ``lesion_id, session_index, status, merged_into, split_from,
+        volume_mm3`` (ids as nullable Int64).
+    intervals : DataFrame
+        One row per interval (``session_index`` of its second visit): counts of
+        ``new, enlarging, stable, shrinking, resolved, merged, split`` lesions,
+        ``gained_mm3``/``lost_mm3`` (change-map volumes), ``noise_sd`` (robust SD of
+        the FLAIR difference, NaN without FLAIR) and ``neda_t2`` (no new or enlarging
+        lesion).
+    """
+
+    labels: list
+    change: list
+    events: pd.DataFrame
+    intervals: pd.DataFrame
+
+
+def _check_cfg(cfg: dict) -> dict:
+    missing = sorted(set(_KEYS) - set(cfg))
+    if missing:
+        raise TrackingError(f"[track] config is missing {', '.join(missing)}")
+    out = {k: _KEYS[k](cfg[k]) for k in _KEYS}
+    if out["connectivity"] not in (1, 2, 3):
+        raise TrackingError(f"[track] connectivity must be 1, 2 or 3 (6-, 18-, 26-neighbourhood), "
+                            f"got {cfg['connectivity']}")
+    for k in ("min_change_mm3", "size_boundary_mm3", "enlarge_rel_small", "enlarge_rel_large",
+              "boundary_shift_voxels", "mdc_z", "min_intensity_z"):
+        if not out[k] >= 0:
+            raise TrackingError(f"[track] {k} must be >= 0, got {cfg[k]}")
+    for k, allowed in (("baseline_status", ("new", "stable")), ("merged_status", ("stable", "resolved"))):
+        if out[k] not in allowed:
+            raise TrackingError(f"[track] {k} must be one of {', '.join(allowed)}, got {cfg[k]!r}")
+    return out
+
+
+def _check_inputs(masks, spacing, flair, brain_mask):
+    if len(masks) == 0:
+        raise TrackingError("track_lesions: lesion_masks is empty; at least one session is needed")
+    masks = [np.asarray(m) for m in masks]
+    shape = masks[0].shape
+    for i, m in enumerate(masks):
+        if m.ndim != 3 or m.shape != shape:
+            raise TrackingError(f"lesion_masks[{i}] has shape {m.shape}; all sessions must share "
+                                f"one 3D grid {shape}")
+    spacing = tuple(float(s) for s in spacing)
+    if len(spacing) != 3 or min(spacing) <= 0:
+        raise TrackingError(f"spacing must be three positive voxel sizes in mm, got {spacing}")
+    if flair is not None:
+        if len(flair) != len(masks):
+            raise TrackingError(f"flair has {len(flair)} images for {len(masks)} lesion masks")
+        for i, f in enumerate(flair):
+            if f is not None and np.shape(f) != shape:
+                raise TrackingError(f"flair[{i}] has shape {np.shape(f)}, the masks {shape}")
+    if brain_mask is not None and np.shape(brain_mask) != shape:
+        raise TrackingError(f"brain_mask has shape {np.shape(brain_mask)}, the masks {shape}")
+    return [m > 0 for m in masks], spacing
+
+
+def _rows(ids, index, status, vol_mm3, merged_into=None, split_from=None) -> pd.DataFrame:
+    n = len(ids)
+
+    def ids_or_na(a):
+        a = np.zeros(n, np.int64) if a is None else np.asarray(a, dtype=np.int64)
+        out = pd.array(a, dtype="Int64")
+        out[a <= 0] = pd.NA
+        return out
+
+    return pd.DataFrame({
+        "lesion_id": pd.array(np.asarray(ids, dtype=np.int64), dtype="Int64"),
+        "session_index": np.full(n, index, dtype=np.int64),
+        "status": pd.Series(STATUS[np.asarray(status, dtype=np.int64)], dtype=object),
+        "merged_into": ids_or_na(merged_into),
+        "split_from": ids_or_na(split_from),
+        "volume_mm3": np.asarray(vol_mm3, dtype=np.float64),
+    })
+
+
+class _State:
+    """What is carried from one session to the next."""
+
+    def __init__(self, lab, n, ids, mask):
+        self.lab, self.n, self.ids, self.mask = lab, n, ids, mask
+
+
+def track_lesions(lesion_masks, spacing, cfg: dict, flair=None, brain_mask=None) -> Tracking:
+    """Follow every lesion through the sessions.
+
+    Parameters
+    ----------
+    lesion_masks : list of ndarray (bool)
+        Lesion mask per session, in time order, all on the subject grid.
+    spacing : sequence of 3 float
+        Voxel size in mm.
+    cfg : dict
+        The ``[track]`` configuration section.
+    flair : list of (ndarray or None), optional
+        Intensity-normalised FLAIR per session on the same grid (None where missing);
+        used for the image evidence of new / enlarging / shrinking / resolved lesions.
+    brain_mask : ndarray (bool), optional
+        Region for the noise estimate of the FLAIR difference.
+
+    Returns
+    -------
+    Tracking
+    """
+    c = _check_cfg(cfg)
+    masks, spacing = _check_inputs(lesion_masks, spacing, flair, brain_mask)
+    vv = float(np.prod(spacing))
+    brain = None if brain_mask is None else np.asarray(brain_mask) > 0
+    base_status = NEW if c["baseline_status"] == "new" else STABLE
+    merged_status = STABLE if c["merged_status"] == "stable" else RESOLVED
+
+    lab, n = label_components(masks[0], c["connectivity"])
+    ids = np.arange(n + 1, dtype=np.int64)
+    next_id = n + 1
+    labels = [ids[lab].astype(np.int32)]
+    change = [None]
+    vol = np.bincount(lab.ravel(), minlength=n + 1)
+    events = [_rows(ids[1:], 0, np.full(n, base_status), vol[1:] * vv)]
+    intervals = []
+    memory = np.zeros(lab.shape, np.int32) if c["remember_resolved"] else None
+    first_seen = np.zeros(n + 1, np.int64)       # session where each lesion ID first appeared
+    state = _State(lab, n, ids, masks[0])
+
+    for t in range(1, len(masks)):
+        lab, n = label_components(masks[t], c["connectivity"])
+        ev = None
+        if flair is not None and flair[t] is not None and flair[t - 1] is not None:
+            ev = DifferenceEvidence(flair[t - 1], flair[t], brain, state.mask | masks[t])
+        out = _step(t, state, lab, n, masks[t], ev, memory, first_seen, next_id, c, vv,
+                    merged_status)
+        first_seen = np.concatenate([first_seen, np.full(out["next_id"] - next_id, t, np.int64)])
+        next_id = out["next_id"]
+        labels.append(out["ids"][lab].astype(np.int32))
+        change.append(out["change"])
+        events.append(out["events"])
+        cnt = np.bincount(out["status_all"], minlength=5)
+        intervals.append({"session_index": t, "new": cnt[NEW], "enlarging": cnt[ENLARGING],
+                          "stable": cnt[STABLE], "shrinking": cnt[SHRINKING],
+                          "resolved": cnt[RESOLVED], "merged": out["n_merged"],
+                          "split": out["n_split"],
+                          "gained_mm3": float(np.count_nonzero(out["change"] == 1)) * vv,
+                          "lost_mm3": float(np.count_nonzero(out["change"] == 2)) * vv,
+                          "noise_sd": ev.sigma if ev is not None else np.nan,
+                          "neda_t2": bool(cnt[NEW] + cnt[ENLARGING] == 0)})
+        state = _State(lab, n, out["ids"], masks[t])
+
+    ev_df = pd.concat(events, ignore_index=True)
+    ev_df = ev_df.sort_values(["session_index", "lesion_id"], kind="stable").reset_index(drop=True)
+    iv = pd.DataFrame(intervals, columns=["session_index", "new", "enlarging", "stable",
+                                          "shrinking", "resolved", "merged", "split",
+                                          "gained_mm3", "lost_mm3", "noise_sd", "neda_t2"])
+    return Tracking(labels, change, ev_df[EVENT_COLUMNS], iv)
+
+
+def _step(t, prev: _State, lab, n, mask, ev, memory, first_seen, next_id, c, vv,
+          merged_status) -> dict:
+    """Match one session to the previous one; IDs, statuses, change map, event rows."""
+    m = match_components(prev.lab, prev.n, lab, n, c["min_overlap_voxels"],
+                         prev_rank=first_seen[prev.ids])
+    ids = np.zeros(n + 1, dtype=np.int64)
+    split_from = np.zeros(n + 1, dtype=np.int64)
+    keep = np.flatnonzero(m.keeps)
+    ids[keep] = prev.ids[m.parent[keep]]
+    child = np.flatnonzero((m.parent > 0) & ~m.keeps)
+    ids[child] = np.arange(next_id, next_id + child.size)
+    split_from[child] = prev.ids[m.parent[child]]
+    next_id += child.size
+
+    cand = np.flatnonzero((m.parent == 0) & (np.arange(n + 1) > 0))
+    if memory is not None and cand.size:
+        is_cand = np.zeros(n + 1, bool)
+        is_cand[cand] = True
+        sel = is_cand[lab] & (memory > 0)
+        if sel.any():
+            key = lab[sel].astype(np.int64) * (int(memory.max()) + 1) + memory[sel]
+            uk, w = np.unique(key, return_counts=True)
+            eb, mid = uk // (int(memory.max()) + 1), uk % (int(memory.max()) + 1)
+            best = _first_per_group(eb, -w, mid)              # best remembered ID per candidate
+            eb, mid, w = eb[best], mid[best], w[best]
+            uniq = _first_per_group(mid, -w, eb)              # one candidate per remembered ID
+            ids[eb[uniq]] = mid[uniq]
+            memory[np.isin(memory, mid[uniq])] = 0
+    fresh = cand[ids[cand] == 0]
+    ids[fresh] = np.arange(next_id, next_id + fresh.size)
+    next_id += fresh.size
+
+    # ---- volumes, lineage and the volume rule
+    vol0 = np.bincount(prev.lab.ravel(), minlength=prev.n + 1).astype(np.float64) * vv
+    vol1 = np.bincount(lab.ravel(), minlength=n + 1).astype(np.float64) * vv
+    shell0 = boundary_shell(prev.lab, prev.n).astype(np.float64)
+    v0 = np.bincount(m.dest[1:], weights=vol0[1:], minlength=n + 1)
+    s0 = np.bincount(m.dest[1:], weights=shell0[1:], minlength=n + 1)
+    sib = np.bincount(m.parent[child], weights=vol1[child], minlength=prev.n + 1)
+    v1 = vol1 + np.where(m.keeps, sib[m.parent], 0.0)
+    status = volume_status(v0, v1, s0, vv, c)
+
+    vanished = (m.dest == 0)
+    vanished[0] = False
+    zmin = c["min_intensity_z"]
+    # image evidence for lesions that appear or disappear (not for rims of growth or
+    # shrinkage, whose partial-volume signal is weak: those rest on the volume rule)
+    up = np.ones(n + 1, bool)
+    res_ok = np.ones(prev.n + 1, bool)
+    if ev is not None:
+        is_cand = np.zeros(n + 1, bool)
+        is_cand[cand] = True
+        up = ev.zscore(np.where(is_cand[lab], lab, 0), n) >= zmin
+        res_ok = ev.zscore(np.where(vanished[prev.lab], prev.lab, 0), prev.n) <= -zmin
+    new_ok = (vol1 >= c["min_change_mm3"]) & up
+    status[cand] = np.where(new_ok[cand], NEW, STABLE)
+    status[child] = status[m.dest[m.parent[child]]]
+
+    gained = mask & ~prev.mask
+    lost = prev.mask & ~mask
+    chg = np.zeros(mask.shape, np.uint8)
+    grow = (status == NEW) | (status == ENLARGING)
+    chg[gained & grow[lab]] = 1
+    shrink_prev = (status[m.dest] == SHRINKING) & ~vanished
+    shrink_prev |= vanished & res_ok & (vol0 >= c["min_change_mm3"])
+    shrink_prev[0] = False
+    chg[lost & shrink_prev[prev.lab]] = 2
+
+    if memory is not None and vanished.any():
+        foot = vanished[prev.lab]
+        memory[foot] = prev.ids[prev.lab[foot]]
+
+    merged = np.flatnonzero(m.merged)
+    gone = np.flatnonzero(vanished)
+    rows = [_rows(ids[1:], t, status[1:], vol1[1:], split_from=split_from[1:]),
+            _rows(prev.ids[gone], t, np.full(gone.size, RESOLVED), np.zeros(gone.size)),
+            _rows(prev.ids[merged], t, np.full(merged.size, merged_status), np.zeros(merged.size),
+                  merged_into=ids[m.dest[merged]])]
+    df = pd.concat([r for r in rows if len(r)] or rows[:1], ignore_index=True)
+    return {"ids": ids, "next_id": next_id, "change": chg, "events": df,
+            "status_all": np.concatenate([status[1:], np.full(gone.size, RESOLVED)]).astype(np.int64),
+            "n_merged": int(merged.size), "n_split": int(child.size)}

@@ -1,0 +1,141 @@
+"""End to end on the bundled example: every file of the output contract, and its content."""
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+
+from lesiontrack import bids
+from lesiontrack.cli import example_dataset, main
+
+BIDS, TRUTH = example_dataset()
+pytestmark = pytest.mark.skipif(not BIDS.exists(), reason="test_data/bids (the bundled example) is missing")
+
+LESION_COLUMNS = ["lesion_id", "session_id", "volume_mm3", "status", "restricted_mm3", "blackhole_mm3",
+                  "enhancing_mm3", "centroid_x", "centroid_y", "centroid_z", "merged_into", "split_from"]
+SESSION_COLUMNS = ["session_id", "acq_time", "lesion_count", "lesion_volume_mm3", "new_count",
+                   "enlarging_count", "resolved_count", "restricted_volume_mm3", "blackhole_volume_mm3",
+                   "enhancing_count"]
+
+
+@pytest.fixture(scope="module")
+def demo_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "out"
+    code = main(["demo", str(out)])
+    assert code == 0
+    return out
+
+
+def _sessions():
+    return [s for s in bids.find_sessions(BIDS, "01")]
+
+
+def test_dataset_level_files(demo_out):
+    desc = json.loads((demo_out / "dataset_description.json").read_text())
+    assert desc["DatasetType"] == "derivative"
+    assert desc["GeneratedBy"][0]["Name"] == "lesiontrack" and desc["GeneratedBy"][0]["Version"]
+    for name in ("desc-change_dseg.tsv", "desc-lesions_dseg.tsv", "desc-cohort_stats.tsv", "run_status.tsv",
+                 "sub-01.html"):
+        assert (demo_out / name).exists(), name
+    status = pd.read_csv(demo_out / "run_status.tsv", sep="\t")
+    assert list(status.columns) == ["participant_id", "status", "message"]
+    assert status["status"].tolist() == ["ok"]
+    cohort = pd.read_csv(demo_out / "desc-cohort_stats.tsv", sep="\t")
+    assert set(SESSION_COLUMNS) <= set(cohort.columns)
+
+
+def test_every_contract_image(demo_out):
+    sessions = _sessions()
+    ref_grid = None
+    for i, si in enumerate(sessions):
+        s, t = "01", si.session
+        anat = demo_out / f"sub-{s}" / f"ses-{t}" / "anat"
+        # native space: the grid of the session's reference image
+        ref = nib.load(si.files[si.reference])
+        m = nib.load(anat / f"sub-{s}_ses-{t}_label-lesion_mask.nii.gz")
+        assert m.shape == ref.shape and np.allclose(m.affine, ref.affine, atol=1e-3)
+        assert m.get_data_dtype() == np.uint8 and set(np.unique(np.asanyarray(m.dataobj))) <= {0, 1}
+        for name in ("label-lesion_mask", "label-restricted_mask", "label-blackhole_mask",
+                     "label-enhancing_mask", "desc-lesions_dseg", "desc-preproc_FLAIR", "desc-preproc_T2w",
+                     "desc-preproc_T1w"):
+            img = nib.load(anat / f"sub-{s}_ses-{t}_space-individual_{name}.nii.gz")
+            if ref_grid is None:
+                ref_grid = img
+            assert img.shape == ref_grid.shape and np.allclose(img.affine, ref_grid.affine), name
+        ce = anat / f"sub-{s}_ses-{t}_ce-gadolinium_space-individual_desc-preproc_T1w.nii.gz"
+        assert ce.exists() == ("ceT1w" in si.files)
+        dwi = demo_out / f"sub-{s}" / f"ses-{t}" / "dwi"
+        if "dwi" in si.files:
+            assert (dwi / f"sub-{s}_ses-{t}_space-individual_desc-preproc_ADC.nii.gz").exists()
+            assert (dwi / f"sub-{s}_ses-{t}_from-dwi_to-individual_mode-image_xfm.txt").exists()
+        change = anat / f"sub-{s}_ses-{t}_space-individual_desc-change_dseg.nii.gz"
+        native_change = anat / f"sub-{s}_ses-{t}_desc-change_dseg.nii.gz"
+        assert change.exists() == (i > 0) and native_change.exists() == (i > 0)
+        if i > 0:
+            vals = set(np.unique(np.asanyarray(nib.load(change).dataobj)))
+            assert vals <= {0, 1, 2}
+
+
+def test_transforms_align_native_images(demo_out):
+    """sitk.Resample(ReadImage(native), individual_ref, ReadTransform(xfm)) aligns the image."""
+    for si in _sessions():
+        s, t = "01", si.session
+        anat = demo_out / f"sub-{s}" / f"ses-{t}" / "anat"
+        ref_path = anat / f"sub-{s}_ses-{t}_space-individual_desc-preproc_{si.reference}.nii.gz"
+        ref = sitk.ReadImage(str(ref_path), sitk.sitkFloat32)
+        prep = sitk.GetArrayFromImage(ref)
+        for mod, fname in (("FLAIR", "FLAIR"), ("T1w", "T1w"), ("ceT1w", "T1w")):
+            if mod not in si.files:
+                continue
+            ce = "_ce-gadolinium" if mod == "ceT1w" else ""
+            xfm = sitk.ReadTransform(str(anat / f"sub-{s}_ses-{t}{ce}_from-{fname}_to-individual_mode-image_xfm.txt"))
+            moved = sitk.GetArrayFromImage(sitk.Resample(sitk.ReadImage(str(si.files[mod]), sitk.sitkFloat32),
+                                                         ref, xfm))
+            own = sitk.GetArrayFromImage(sitk.ReadImage(str(ref_path).replace(
+                f"desc-preproc_{si.reference}", f"desc-preproc_{fname}").replace(
+                f"ses-{t}_space", f"ses-{t}{ce}_space"), sitk.sitkFloat32))
+            brain = prep > 0
+            r = np.corrcoef(moved[brain], own[brain])[0, 1]
+            assert r > 0.9, f"{mod} ses-{t}: resampled native image does not match its preproc image (r={r:.2f})"
+
+
+def test_tables(demo_out):
+    sdir = demo_out / "sub-01"
+    les = pd.read_csv(sdir / "sub-01_desc-lesions_stats.tsv", sep="\t")
+    ses = pd.read_csv(sdir / "sub-01_desc-sessions_stats.tsv", sep="\t")
+    assert list(les.columns[:len(LESION_COLUMNS)]) == LESION_COLUMNS
+    assert list(ses.columns[:len(SESSION_COLUMNS)]) == SESSION_COLUMNS
+    assert {"edss", "event"} <= set(ses.columns)
+    assert set(les["status"]) <= {"new", "enlarging", "stable", "shrinking", "resolved"}
+    for tsv in ("desc-lesions_stats", "desc-sessions_stats"):
+        side = json.loads((sdir / f"sub-01_{tsv}.json").read_text())
+        cols = pd.read_csv(sdir / f"sub-01_{tsv}.tsv", sep="\t").columns
+        assert set(cols) <= set(side)
+    # the lesion IDs of the table are the label values of the dseg maps
+    sids = list(ses["session_id"])
+    for sid in sids:
+        t = sid.removeprefix("ses-")
+        lab = np.asanyarray(nib.load(sdir / sid / "anat" /
+                                     f"sub-01_{sid}_space-individual_desc-lesions_dseg.nii.gz").dataobj)
+        present = set(np.unique(lab)) - {0}
+        rows = les[(les["session_id"] == sid) & (les["status"] != "resolved")]
+        assert set(rows["lesion_id"]) == present, t
+        # the lesion mask is the union of the labelled lesions
+        mask = np.asanyarray(nib.load(sdir / sid / "anat" /
+                                      f"sub-01_{sid}_space-individual_label-lesion_mask.nii.gz").dataobj)
+        assert np.array_equal(mask > 0, lab > 0)
+    # first session: every lesion is new
+    first = les[les["session_id"] == sids[0]]
+    assert (first["status"] == "new").all()
+
+
+def test_provenance_and_resume(demo_out):
+    prov = json.loads((demo_out / "sub-01" / "sub-01_provenance.json").read_text())
+    assert prov["config"] and prov["versions"]["lesiontrack"] and prov["config_hash"]
+    for rel in prov["outputs"]:
+        assert (demo_out / rel).exists(), rel
+    # nothing half-written is left behind
+    assert not list(demo_out.rglob(".tmp-*"))

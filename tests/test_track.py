@@ -1,0 +1,222 @@
+"""Tests of lesiontrack.track: identities, statuses, change maps, events."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings, HealthCheck
+from hypothesis import strategies as st
+
+from lesiontrack.config import load_config
+from lesiontrack.track import EVENT_COLUMNS, TrackingError, track_lesions
+from lesiontrack._track_match import label_components, match_components
+
+SHAPE = (36, 36, 36)
+GRID = np.indices(SHAPE, dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return dict(load_config()["track"])
+
+
+def ball(c, r):
+    return ((GRID[0] - c[0]) ** 2 + (GRID[1] - c[1]) ** 2 + (GRID[2] - c[2]) ** 2) <= r * r
+
+
+def union(*balls):
+    out = np.zeros(SHAPE, bool)
+    for b in balls:
+        out |= b
+    return out
+
+
+def status_of(tr, lesion_id, t):
+    ev = tr.events
+    row = ev[(ev.lesion_id == lesion_id) & (ev.session_index == t)]
+    assert len(row) == 1, f"lesion {lesion_id} has {len(row)} rows at session {t}"
+    return row.iloc[0]
+
+
+def id_at(tr, t, point):
+    return int(tr.labels[t][point])
+
+
+# ---------------------------------------------------------------- basic behaviour
+def test_single_session(cfg):
+    m = union(ball((9, 9, 9), 3), ball((26, 26, 26), 4))
+    tr = track_lesions([m], (1, 1, 1), cfg)
+    assert tr.change == [None]
+    assert list(tr.events.columns) == EVENT_COLUMNS
+    assert sorted(tr.events.lesion_id.tolist()) == [1, 2]
+    assert (tr.events.status == cfg["baseline_status"]).all()
+    assert len(tr.intervals) == 0
+    assert tr.labels[0].dtype == np.int32 and set(np.unique(tr.labels[0])) == {0, 1, 2}
+
+
+def test_statuses_two_sessions(cfg):
+    a, b, c, d = (9, 9, 9), (26, 26, 26), (9, 26, 9), (26, 9, 26)
+    m0 = union(ball(a, 3), ball(b, 5), ball(c, 4), ball(d, 3.5))
+    m1 = union(ball(a, 5), ball(b, 3), ball(c, 4), ball((18, 18, 18), 3))   # d resolved
+    tr = track_lesions([m0, m1], (1, 1, 1), cfg)
+    ia, ib, ic, idd = (id_at(tr, 0, p) for p in (a, b, c, d))
+    assert status_of(tr, ia, 1).status == "enlarging"
+    assert status_of(tr, ib, 1).status == "shrinking"
+    assert status_of(tr, ic, 1).status == "stable"
+    res = status_of(tr, idd, 1)
+    assert res.status == "resolved" and res.volume_mm3 == 0
+    inew = id_at(tr, 1, (18, 18, 18))
+    assert inew not in (ia, ib, ic, idd) and status_of(tr, inew, 1).status == "new"
+    # identity kept on the map
+    assert id_at(tr, 1, a) == ia and id_at(tr, 1, b) == ib and id_at(tr, 1, c) == ic
+    ch = tr.change[1]
+    assert ch.dtype == np.uint8
+    assert np.all(ch[m1 & ~m0 & (tr.labels[1] == ia)] == 1)
+    assert np.all(ch[m0 & ~m1 & (tr.labels[0] == ib)] == 2)
+    assert np.all(ch[m0 & ~m1 & (tr.labels[0] == idd)] == 2)
+    assert np.all(ch[tr.labels[1] == inew] == 1)
+    iv = tr.intervals.iloc[0]
+    assert (iv.new, iv.enlarging, iv.shrinking, iv.resolved) == (1, 1, 1, 1)
+    assert not iv.neda_t2
+
+
+def test_boundary_noise_is_not_change(cfg):
+    """A one-voxel boundary wobble of a large lesion is below the detectable change."""
+    m0 = ball((18, 18, 18), 8)
+    m1 = m0.copy()
+    m1[18, 18, 27] = True          # add a voxel
+    m1[18, 18, 10] = False         # drop another
+    m1[26, 18, 18] = False
+    tr = track_lesions([m0, m1], (1, 1, 1), cfg)
+    assert status_of(tr, 1, 1).status == "stable"
+    assert not tr.change[1].any()
+    assert tr.intervals.neda_t2.iloc[0]
+
+
+def test_merge_split_lineage(cfg):
+    p, q = (18, 12, 18), (18, 24, 18)
+    m0 = union(ball(p, 3), ball(q, 3))
+    bridge = (np.abs(GRID[0] - 18) <= 2) & (np.abs(GRID[2] - 18) <= 2) & (GRID[1] >= 12) & (GRID[1] <= 24)
+    m1 = union(ball(p, 4), ball(q, 3), bridge)      # confluent
+    m2 = union(ball(p, 4), ball(q, 3))              # split again
+    tr = track_lesions([m0, m1, m2], (1, 1, 1), cfg)
+    ip, iq = id_at(tr, 0, p), id_at(tr, 0, q)
+    survivor = id_at(tr, 1, p)
+    assert id_at(tr, 1, q) == survivor                # one ID for the confluent lesion
+    gone = iq if survivor == ip else ip
+    row = status_of(tr, gone, 1)
+    assert row.merged_into == survivor and row.volume_mm3 == 0
+    assert gone not in tr.events[tr.events.session_index == 2].lesion_id.tolist()
+    ids2 = {id_at(tr, 2, p), id_at(tr, 2, q)}
+    assert survivor in ids2 and len(ids2) == 2
+    child = (ids2 - {survivor}).pop()
+    assert status_of(tr, child, 2).split_from == survivor
+    assert tr.intervals.merged.tolist() == [1, 0] and tr.intervals.split.tolist() == [0, 1]
+
+
+def test_reappearing_lesion_keeps_id_and_many_sessions(cfg):
+    a, b = (10, 10, 10), (26, 26, 26)
+    seq = [union(ball(a, 4), ball(b, 3)), union(ball(a, 4), ball(b, 3)), ball(a, 4),
+           ball(a, 4), union(ball(a, 4), ball((26, 27, 26), 3)), union(ball(a, 4), ball(b, 3))]
+    tr = track_lesions(seq, (1, 1, 1), cfg)
+    ib = id_at(tr, 0, b)
+    assert [status_of(tr, ib, t).status for t in (1, 2)] == ["stable", "resolved"]
+    assert ib not in tr.events[tr.events.session_index == 3].lesion_id.tolist()
+    assert id_at(tr, 4, (26, 27, 26)) == ib and status_of(tr, ib, 4).status == "new"
+    assert tr.events.lesion_id.max() == 2          # no fresh ID was spent
+    assert len(tr.labels) == len(tr.change) == 6 and tr.change[0] is None
+
+
+def test_new_needs_image_evidence(cfg):
+    """A lesion only in the second mask, with no FLAIR increase, is not called new."""
+    rng = np.random.default_rng(0)
+    f0 = (1.0 + 0.05 * rng.standard_normal(SHAPE)).astype(np.float32)
+    f1 = (1.0 + 0.05 * rng.standard_normal(SHAPE)).astype(np.float32)
+    old, true_new = ball((10, 10, 10), 3), ball((26, 26, 26), 3)
+    f0[old] += 0.8
+    f1[old | true_new] += 0.8                   # bright in both: missed at visit 0
+    m0 = np.zeros(SHAPE, bool)                  # segmentation missed `old` at visit 0
+    m1 = union(old, true_new)
+    brain = np.ones(SHAPE, bool)
+    tr = track_lesions([m0, m1], (1, 1, 1), cfg, flair=[f0, f1], brain_mask=brain)
+    assert status_of(tr, id_at(tr, 1, (26, 26, 26)), 1).status == "new"
+    assert status_of(tr, id_at(tr, 1, (10, 10, 10)), 1).status == "stable"
+    assert np.all(tr.change[1][true_new] == 1) and not tr.change[1][old].any()
+    assert 0.05 < tr.intervals.noise_sd.iloc[0] < 0.09     # sqrt(2) * 0.05
+
+
+def test_anisotropic_spacing_volumes(cfg):
+    m = ball((18, 18, 18), 3)
+    tr = track_lesions([m], (0.5, 0.5, 2.0), cfg)
+    assert tr.events.volume_mm3.iloc[0] == pytest.approx(m.sum() * 0.5)
+
+
+@pytest.mark.parametrize("bad, msg", [
+    ({"connectivity": 4}, "connectivity"),
+    ({"enlarge_rel_small": -1}, "enlarge_rel_small"),
+    ({"baseline_status": "old"}, "baseline_status"),
+])
+def test_config_errors(cfg, bad, msg):
+    with pytest.raises(TrackingError, match=msg):
+        track_lesions([ball((9, 9, 9), 3)], (1, 1, 1), {**cfg, **bad})
+
+
+def test_input_errors(cfg):
+    with pytest.raises(TrackingError, match="one 3D grid"):
+        track_lesions([np.zeros((4, 4, 4), bool), np.zeros((4, 4, 5), bool)], (1, 1, 1), cfg)
+    with pytest.raises(TrackingError, match="empty"):
+        track_lesions([], (1, 1, 1), cfg)
+    with pytest.raises(TrackingError, match="flair"):
+        track_lesions([np.zeros(SHAPE, bool)] * 2, (1, 1, 1), cfg, flair=[None])
+    with pytest.raises(TrackingError, match="spacing"):
+        track_lesions([np.zeros(SHAPE, bool)], (1, 0, 1), cfg)
+
+
+# ---------------------------------------------------------------- property tests
+centres = st.tuples(*[st.integers(6, 29)] * 3)
+blobs = st.lists(st.tuples(centres, st.floats(1.5, 5.0)), min_size=1, max_size=6)
+PROPS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@PROPS
+@given(blobs, blobs, st.randoms(use_true_random=False))
+def test_matcher_invariant_to_relabelling(b0, b1, rnd):
+    l0, n0 = label_components(union(*[ball(c, r) for c, r in b0]), 3)
+    l1, n1 = label_components(union(*[ball(c, r) for c, r in b1]), 3)
+    p0 = np.array([0] + rnd.sample(range(1, n0 + 1), n0))      # old label -> new label
+    p1 = np.array([0] + rnd.sample(range(1, n1 + 1), n1))
+    m = match_components(l0, n0, l1, n1)
+    mp = match_components(p0[l0], n0, p1[l1], n1)
+    # permuted result == permutation of the original result
+    assert np.array_equal(mp.parent[p1], p0[m.parent])
+    assert np.array_equal(mp.keeps[p1], m.keeps)
+    assert np.array_equal(mp.dest[p0], p1[m.dest])
+    assert np.array_equal(mp.merged[p0], m.merged)
+
+
+@PROPS
+@given(st.floats(2.5, 6.0), st.tuples(*[st.floats(-1, 1)] * 3), st.floats(0.0, 0.95))
+def test_moved_less_than_radius_keeps_id(r, direction, frac):
+    cfg = dict(load_config()["track"])
+    v = np.array(direction)
+    norm = np.linalg.norm(v)
+    shift = v / norm * frac * r if norm > 1e-3 else np.zeros(3)
+    c0 = np.array([18.0, 18.0, 18.0])
+    m0, m1 = ball(c0, r), ball(c0 + shift, r)
+    tr = track_lesions([m0, m1], (1, 1, 1), cfg)
+    assert set(np.unique(tr.labels[1])) == {0, 1}
+    assert tr.events[tr.events.session_index == 1].lesion_id.tolist() == [1]
+
+
+@PROPS
+@given(blobs, st.integers(2, 5))
+def test_identical_visits_all_stable(b, n):
+    cfg = dict(load_config()["track"])
+    m = union(*[ball(c, r) for c, r in b])
+    tr = track_lesions([m] * n, (1, 1, 1), cfg)
+    later = tr.events[tr.events.session_index > 0]
+    assert (later.status == "stable").all()
+    assert all(not c.any() for c in tr.change[1:])
+    assert all(np.array_equal(tr.labels[0], lab) for lab in tr.labels)
+    assert tr.intervals.neda_t2.all()
+    assert later.merged_into.isna().all() and later.split_from.isna().all()
