@@ -14,6 +14,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import sys
@@ -75,7 +76,7 @@ def main(argv=None) -> int:
             print(f"repeat {i + 1}, {n} worker(s): {r['wall_s']:.1f} s = "
                   f"{r['per_min']:.2f} subjects/min; per subject "
                   f"{', '.join(f'{s:.0f}' for s in r['subject_s'])} s; "
-                  f"worker peak memory {peaks}", flush=True)
+                  f"worker peak memory {peaks}; load average {os.getloadavg()[0]:.1f}", flush=True)
     med = {n: statistics.median(r["per_min"] for r in rs) for n, rs in results.items()}
     ratio = med[2] / med[1]
     print(f"\n{args.subjects} phantom subjects (2 mm, 5 visits), {available_cpus()} CPUs, "

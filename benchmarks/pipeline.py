@@ -6,6 +6,7 @@ quantify, write, report) in a fresh child process per repetition and reports
 - the pipeline's own wall time (measured inside the child around ``run_subject``),
 - the child process's wall time (interpreter start and imports included),
 - the child's peak resident memory (``ru_maxrss`` from ``os.wait4``, exact),
+- the child's CPU time (user + system), a load-independent check on a shared machine,
 
 as medians over repetitions (the machine is shared: timings are noisy). Targets:
 <= 60 s and <= 3 GB. For scale: SAMSEG takes about 10 minutes per visit, and
@@ -70,7 +71,8 @@ def run_once(bids_dir: Path, out: Path) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"run_subject failed (exit {proc.returncode}); run it directly to see why")
     info = json.loads(stdout.strip().splitlines()[-1])
-    info.update(process_s=wall, peak_gb=usage.ru_maxrss * 1024 / 1e9)
+    info.update(process_s=wall, peak_gb=usage.ru_maxrss * 1024 / 1e9,
+                cpu_s=usage.ru_utime + usage.ru_stime)
     return info
 
 
@@ -91,8 +93,8 @@ def main(argv=None) -> int:
         info = run_once(bids_dir, args.workdir / f"out{i}")
         runs.append(info)
         steps = "  ".join(f"{k[:-2]} {v:.1f}" for k, v in info["timing"].items() if k != "total_s")
-        print(f"run {i + 1}: pipeline {info['wall_s']:.1f} s, process {info['process_s']:.1f} s, "
-              f"peak {info['peak_gb']:.2f} GB  [{steps}]", flush=True)
+        print(f"run {i + 1}: pipeline {info['wall_s']:.1f} s, process {info['process_s']:.1f} s "
+              f"(CPU {info['cpu_s']:.1f} s), peak {info['peak_gb']:.2f} GB  [{steps}]", flush=True)
     wall = statistics.median(r["wall_s"] for r in runs)
     proc_wall = statistics.median(r["process_s"] for r in runs)
     peak = max(r["peak_gb"] for r in runs)
@@ -101,6 +103,8 @@ def main(argv=None) -> int:
     print(f"  pipeline wall time (median): {wall:6.1f} s   target <= {TARGET_S:.0f} s   "
           f"{'OK' if wall <= TARGET_S else 'MISSED'}")
     print(f"  process wall time (median):  {proc_wall:6.1f} s   (with interpreter start, imports)")
+    print(f"  process CPU time (median):   {statistics.median(r['cpu_s'] for r in runs):6.1f} s   "
+          f"(user + system, all threads; load of the machine: {os.getloadavg()[0]:.1f})")
     print(f"  peak memory (max of runs):   {peak:6.2f} GB  target <= {TARGET_GB:.0f} GB  "
           f"{'OK' if peak <= TARGET_GB else 'MISSED'}")
     if tmp is not None:

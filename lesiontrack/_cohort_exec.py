@@ -84,7 +84,7 @@ def _local_cluster(n_workers: int, threads: int, mem_per_worker, options: dict):
     from distributed import LocalCluster
     kwargs = dict(n_workers=n_workers, threads_per_worker=1, processes=True,
                   memory_limit=mem_per_worker if mem_per_worker else "auto",
-                  dashboard_address=None)
+                  dashboard_address=":0")
     kwargs.update(options)
     # one retry after a killed worker (out of memory, node lost); not three
     with dask.config.set({"distributed.nanny.pre-spawn-environ": thread_env(threads),
@@ -126,7 +126,7 @@ def slurm_cluster(mem, options: dict):
     prologue = [f"export {k}={v}" for k, v in thread_env(cpus).items()]
     opts["job_script_prologue"] = prologue + list(opts.get("job_script_prologue", []))
     opts.update(cores=1, processes=1, job_cpu=cpus)
-    opts.setdefault("scheduler_options", {"dashboard_address": None})
+    opts.setdefault("scheduler_options", {"dashboard_address": ":0"})
     try:
         cluster = SLURMCluster(**opts)
     except (TypeError, ValueError) as exc:

@@ -138,9 +138,11 @@ class Progress:
         self.stream.write("\r\033[K" + self._line())
         self.stream.flush()
 
-    def info(self, message: str) -> None:
-        """A message (above the bar on a terminal)."""
+    def info(self, message: str, warn: bool = False) -> None:
+        """A message (above the bar on a terminal); ``warn`` = logged even when silent."""
         if not self.enabled:
+            if warn:
+                logger.warning(message)
             return
         if self.bar:
             self.stream.write("\r\033[K" + message + "\n")

@@ -9,6 +9,7 @@ replace the white-matter signal by their own intensity.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +42,8 @@ LESION = {
     "adc_acute": 0.95e-3,       # acute lesion outside its restricted core
     "adc_restricted": 0.40e-3,  # restricted diffusion
 }
-_SKULL_MM = (2.5, 7.5, 12.0)   # outer edges of extra-axial CSF, skull and scalp (mm)
+_SKULL_MM = (1.5, 7.0, 12.0)   # outer edges of extra-axial CSF, skull and scalp (mm)
+_HULL_SIGMA_MM = 5.0           # smoothing of the brain mask that the skull follows
 
 
 @dataclass
@@ -121,21 +123,25 @@ def load_anatomy(resolution: int, rng, skull: bool = True) -> Anatomy:
     wm[over] /= tot[over]
     csf = np.where(brain, 1.0 - gm - wm, 0.0).astype(np.float32)
 
-    dist_out = ndimage.distance_transform_edt(~brain, sampling=vox).astype(np.float32)
     skull_map = np.zeros_like(wm)
     scalp_map = np.zeros_like(wm)
     if skull:
+        # the skull follows a smooth hull of the brain, not every sulcus and notch
+        hull = ndimage.gaussian_filter(brain.astype(np.float32), _HULL_SIGMA_MM / vox) > 0.25
+        hull |= brain
+        dist = ndimage.distance_transform_edt(~hull, sampling=vox).astype(np.float32)
         e_csf, e_skull, e_scalp = _SKULL_MM
         out = ~brain
-        csf[out & (dist_out <= e_csf)] = 1.0
-        skull_map[out & (dist_out > e_csf) & (dist_out <= e_skull)] = 1.0
-        scalp_map[out & (dist_out > e_skull) & (dist_out <= e_scalp)] = 1.0
+        csf[out & (dist <= e_csf)] = 1.0
+        skull_map[out & (dist > e_csf) & (dist <= e_skull)] = 1.0
+        scalp_map[out & (dist > e_skull) & (dist <= e_scalp)] = 1.0
 
     texture = smooth_noise(wm.shape, 2.5 / vox, rng)
     location = _locations(gm, wm, csf, brain, affine, vox)
     return Anatomy(affine, gm, wm, csf, skull_map, scalp_map, brain, texture, location, t1_data)
 
 
+@functools.lru_cache(maxsize=2)
 def _templates(resolution):
     """MNI152 T1 (scaled to max 1), GM and WM maps at ``resolution`` mm, and the affine.
 

@@ -38,6 +38,7 @@ LOCATIONS = {1: "periventricular", 2: "juxtacortical", 3: "infratentorial", 4: "
 _STRUCT = np.ones((3, 3, 3), bool)
 ENLARGE, SHRINK = 1.2, 0.8   # volume ratios that make a truth status enlarging / shrinking
 _ALLOWED_WM = 0.2            # lesions live where the white-matter fraction exceeds this
+MIN_VOLUME_MM3 = 10.0        # smaller remnants are not kept as lesions
 
 
 @dataclass
@@ -257,9 +258,11 @@ def render_visits(anat: Anatomy, des: Design, rng):
     rmod = rnorm / np.maximum(1.0 + des.noise_amp[des.blob_lesion[bi]] * noise, 0.3)
     lesion_of_pair = des.blob_lesion[bi]
 
+    # lesions smaller than MIN_VOLUME_MM3 (or 2 voxels) are below what any scan resolves
+    min_vox = max(2, int(np.ceil(MIN_VOLUME_MM3 / anat.spacing ** 3)))
     visits, alias = [], np.arange(des.n + 1, dtype=np.int32)   # design id -> truth id
     next_id = des.n + 1
-    first_seen = {}
+    first_seen = np.full(des.n + N_VISITS + 2, -1)       # visit where each truth ID appeared
     events = {"merged_into": {}, "split_from": {}}
     for t in range(N_VISITS):                      # loop over visits; vectorised inside
         s = des.blob_scale[bi, t]
@@ -281,12 +284,12 @@ def render_visits(anat: Anatomy, des: Design, rng):
             events["merged_into"][(old, t)] = new
             alias[alias == old] = new
         split_vis = des.split_lesion + 1 if t == des.split_visit else 0
-        ids, child = _one_component(ids, alias[split_vis] if split_vis else 0, next_id)
+        ids, child = _one_component(ids, alias[split_vis] if split_vis else 0, next_id, min_vox)
         if child:
             events["split_from"][(next_id, t)] = int(alias[split_vis])
             next_id += 1
-        for lid in np.unique(ids[ids > 0]):
-            first_seen.setdefault(int(lid), t)
+        seen = np.unique(ids[ids > 0])
+        first_seen[seen[first_seen[seen] < 0]] = t
         design[ids == 0] = 0
         visits.append(_masks(ids, design, ratio_vol, des, t))
     return visits, events
@@ -302,18 +305,20 @@ def _merge(ids, first_seen, t):
     multi = df[df.duplicated("c", keep=False)].copy()
     if multi.empty:
         return ids, {}
-    multi["first"] = multi["id"].map(lambda i: first_seen.get(int(i), t))
+    fs = first_seen[multi["id"].to_numpy()]
+    multi["first"] = np.where(fs >= 0, fs, t)
     multi = multi.sort_values(["c", "first", "n", "id"], ascending=[True, True, False, True])
     surv = multi.groupby("c")["id"].transform("first")
     lut = np.arange(int(ids.max()) + 1, dtype=np.int32)
     lut[multi["id"].to_numpy()] = surv.to_numpy()
-    merged = {int(i): int(s) for i, s in zip(multi["id"], surv)
-              if i != s and int(i) in first_seen}
+    absorbed = (multi["id"] != surv).to_numpy() & (fs >= 0)
+    merged = dict(zip(multi["id"].to_numpy()[absorbed].tolist(), surv.to_numpy()[absorbed].tolist()))
     return lut[ids], merged
 
 
-def _one_component(ids, split_id, next_id):
-    """Keep each ID's largest 26-connected part; a designed split keeps its second part."""
+def _one_component(ids, split_id, next_id, min_vox):
+    """Keep each ID's largest 26-connected part (if it has ``min_vox`` voxels); a designed
+    split keeps its second part under a new ID."""
     regions = cc_label(ids, background=0, connectivity=3)
     nreg = int(regions.max())
     if nreg == 0:
@@ -329,12 +334,12 @@ def _one_component(ids, split_id, next_id):
     start = np.r_[0, np.flatnonzero(ids_sorted[1:] != ids_sorted[:-1]) + 1]
     rank_sorted = np.arange(len(r_sorted)) - np.repeat(start, np.diff(np.r_[start, len(r_sorted)]))
     rank[r_sorted] = rank_sorted
-    new_id = np.where(rank == 0, reg_id, 0)
+    new_id = np.where((rank == 0) & (size >= min_vox), reg_id, 0)
     child = False
     if split_id:
         sec = np.flatnonzero((reg_id == split_id) & (rank == 1))
         main = np.flatnonzero((reg_id == split_id) & (rank == 0))
-        if len(sec) and size[sec[0]] >= 0.25 * size[main[0]]:
+        if len(sec) and size[sec[0]] >= max(0.25 * size[main[0]], min_vox):
             new_id[sec] = next_id
             child = True
     new_id[0] = 0

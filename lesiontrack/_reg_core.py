@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import SimpleITK as sitk
@@ -80,10 +80,14 @@ class Prepared:
     scale: float          # robust intensity scale (median inside the mask)
     mask_points: np.ndarray  # (N, 3) LPS centres of mask voxels (coarse grid)
     corners: np.ndarray   # (8, 3) LPS corners of the field of view
+    cache: dict = field(default_factory=dict)  # per-level data of similarity()
 
 
-def foreground_mask(coarse: Image, margin_mm: float, user_mask=None) -> np.ndarray:
-    """Head/brain foreground of a coarse image: Otsu, largest component, holes filled, dilated."""
+def foreground_mask(coarse: Image, margin_mm: float, user_mask=None) -> tuple[np.ndarray, np.ndarray]:
+    """Head/brain foreground of a coarse image: Otsu, largest component, holes filled.
+
+    Returns the foreground and the foreground dilated by ``margin_mm`` (the sampling mask).
+    """
     d = coarse.data
     if user_mask is not None:
         m = np.asarray(user_mask, bool)
@@ -100,14 +104,34 @@ def foreground_mask(coarse: Image, margin_mm: float, user_mask=None) -> np.ndarr
             sizes[0] = 0
             m = lab == int(np.argmax(sizes))
         m = ndimage.binary_fill_holes(m)
+    core = m
     if margin_mm > 0:
         sp = np.asarray(coarse.spacing)
         r = np.ceil(margin_mm / sp).astype(int) + 1
         dist = ndimage.distance_transform_edt(~np.pad(m, [(x, x) for x in r]), sampling=sp)
         m = dist[r[0]:r[0] + m.shape[0], r[1]:r[1] + m.shape[1], r[2]:r[2] + m.shape[2]] <= margin_mm
-    if m.sum() < 8:
+    if core.sum() < 8:
         raise RegistrationError(f"{coarse.source}: no foreground found to register")
-    return m
+    return core, m
+
+
+def _flatten(fine: sitk.Image, coarse: Image, mask: np.ndarray, sigma_mm: float) -> sitk.Image:
+    """Divide out slow intensity non-uniformity (bias field): the image over its local mean.
+
+    The local mean is a normalised Gaussian average (``sigma_mm``) of the coarse image
+    inside the foreground mask, interpolated to the fine grid. MI is biased by bias
+    fields that differ between the two images; this removes most of that bias.
+    """
+    typical = float(np.median(coarse.data[mask]))
+    if typical <= 0:
+        return fine
+    sv = sigma_mm / np.asarray(coarse.spacing)
+    w = ndimage.gaussian_filter(mask.astype(np.float32), sv)
+    low = ndimage.gaussian_filter(np.where(mask, coarse.data, 0).astype(np.float32), sv) / np.maximum(w, 1e-3)
+    low = np.where(mask, np.maximum(low, 1e-3 * typical), typical).astype(np.float32)
+    field = sitk.Resample(sitk_bridge.to_sitk(coarse.with_data(low)), fine, sitk.Transform(),
+                          sitk.sitkLinear, typical, sitk.sitkFloat32)
+    return sitk.Divide(fine, field)
 
 
 def _fov_corners(img: Image) -> np.ndarray:
@@ -137,7 +161,7 @@ def prepare(img: Image, cfg: dict, mask=None) -> Prepared:
             raise RegistrationError(f"{img.source}: mask shape {m.shape} does not match image {img.shape[:3]}")
         f = np.round(np.asarray(coarse.spacing) / np.asarray(img.spacing)).astype(int)
         user = block_mean(img.with_data(m.astype(np.float32)), f).data > 0.5 if np.any(f > 1) else m > 0
-    m = foreground_mask(coarse, float(cfg["mask_margin_mm"]), user)
+    core, m = foreground_mask(coarse, float(cfg["mask_margin_mm"]), user)
     # crop to the mask's bounding box (one coarse voxel of margin): registration cost
     # grows with the image size even with sparse sampling
     f = _factors(img.spacing, mask_mm)
@@ -147,8 +171,10 @@ def prepare(img: Image, cfg: dict, mask=None) -> Prepared:
     box = tuple(slice(int(a * k), int(min(b * k, n)) if b < s else None)
                 for a, b, k, n, s in zip(lo, hi, f, img.shape, m.shape))
     cropped = sitk_bridge.to_sitk(crop_image(img, box), np.float32)
+    if float(cfg["nonuniformity_sigma_mm"]) > 0:
+        cropped = _flatten(cropped, coarse, core, float(cfg["nonuniformity_sigma_mm"]))
     imgs = {mm: shrink(cropped, _factors(img.spacing, mm)) for mm in set(levels_mm)}
-    vals = coarse.data[m]
+    vals = coarse.data[core]
     scale = float(np.median(vals[vals > 0])) if np.any(vals > 0) else float(np.abs(vals).max() or 1.0)
     pts = sitk_bridge.ras_to_lps_points(coarse.world_coords(np.argwhere(m)))
     mimg = sitk_bridge.to_sitk(coarse.with_data(m.astype(np.uint8)))
@@ -293,39 +319,49 @@ def fit_rigid(fixed: Prepared, moving: Prepared, cfg: dict, init: sitk.Transform
 
 # --------------------------------------------------------------------------------------
 # post-registration similarity
+def _sim_cache(p: Prepared, lev: int, bins: int) -> dict:
+    """Per-level data for :func:`similarity`: mask voxels, their values and bin indices."""
+    key = (lev, bins)
+    if key not in p.cache:
+        img = p.levels[lev]
+        mask = sitk.Resample(p.mask, img, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+        sel = sitk.GetArrayViewFromImage(mask).ravel() > 0
+        vals = sitk.GetArrayViewFromImage(img).ravel()[sel]
+        lo, hi = np.percentile(vals, [1, 99]) if vals.size else (0.0, 1.0)
+        hi = hi if hi > lo else lo + 1.0
+        idx = np.clip(((vals - lo) / (hi - lo) * bins).astype(int), 0, bins - 1)
+        p.cache[key] = {"sel": np.flatnonzero(sel), "idx": idx, "range": (float(lo), float(hi))}
+    return p.cache[key]
+
+
+def _entropy(q: np.ndarray) -> float:
+    q = q[q > 0]
+    return float(-(q * np.log(q)).sum())
+
+
 def similarity(fixed: Prepared, moving: Prepared, transform: sitk.Transform, bins: int,
                level: int = -2) -> float:
     """Normalised mutual information ``(H(A)+H(B))/H(A,B) - 1`` inside the fixed mask (0..1).
 
     Computed on a coarse pyramid level (``level``) of both images, over the fixed
-    foreground voxels that map inside the moving field of view.
+    foreground voxels that map inside the moving field of view; intensities are binned
+    between their 1st and 99th percentiles in the foreground.
     """
     lev = max(0, len(fixed.levels) + level) if level < 0 else level
-    f_img = fixed.levels[lev]
-    m_img = moving.levels[min(lev, len(moving.levels) - 1)]
-    warped = sitk.Resample(m_img, f_img, transform, sitk.sitkLinear, float("nan"), sitk.sitkFloat32)
-    mask = sitk.Resample(fixed.mask, f_img, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-    a = sitk.GetArrayViewFromImage(f_img)
-    b = sitk.GetArrayViewFromImage(warped)
-    sel = (sitk.GetArrayViewFromImage(mask) > 0) & np.isfinite(b)
-    if sel.sum() < 64:
+    mlev = min(lev, len(moving.levels) - 1)
+    fc = _sim_cache(fixed, lev, bins)
+    lo, hi = _sim_cache(moving, mlev, bins)["range"]
+    warped = sitk.Resample(moving.levels[mlev], fixed.levels[lev], transform, sitk.sitkLinear,
+                           float("nan"), sitk.sitkFloat32)
+    b = sitk.GetArrayViewFromImage(warped).ravel()[fc["sel"]]
+    ok = np.isfinite(b)
+    if ok.sum() < 64:
         return 0.0
-    a, b = a[sel], b[sel]
-
-    def _edges(x):
-        lo, hi = np.percentile(x, [1, 99])
-        return np.linspace(lo, hi if hi > lo else lo + 1.0, bins + 1)
-
-    h, _, _ = np.histogram2d(np.clip(a, *_edges(a)[[0, -1]]), np.clip(b, *_edges(b)[[0, -1]]),
-                             bins=[_edges(a), _edges(b)])
+    bi = np.clip(((b[ok] - lo) / (hi - lo) * bins).astype(int), 0, bins - 1)
+    h = np.bincount(fc["idx"][ok] * bins + bi, minlength=bins * bins).reshape(bins, bins)
     p = h / h.sum()
-
-    def ent(q):
-        q = q[q > 0]
-        return float(-(q * np.log(q)).sum())
-
-    hab = ent(p.ravel())
-    return float((ent(p.sum(1)) + ent(p.sum(0))) / hab - 1.0) if hab > 0 else 0.0
+    hab = _entropy(p.ravel())
+    return float((_entropy(p.sum(1)) + _entropy(p.sum(0))) / hab - 1.0) if hab > 0 else 0.0
 
 
 def peak_ratio(fixed: Prepared, moving: Prepared, transform: sitk.Transform, bins: int,

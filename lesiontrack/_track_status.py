@@ -37,13 +37,23 @@ def boundary_shell(lab: np.ndarray, n: int) -> np.ndarray:
     return np.bincount(lab[mask & ~inner], minlength=n + 1)
 
 
-def detectable_change(v0_mm3, shell_voxels, voxel_volume: float, cfg: dict) -> np.ndarray:
-    """Smallest volume change (mm^3) called a change, per lesion (see module notes)."""
+def detectable_change(v0_mm3, shell_voxels, voxel_volume: float, cfg: dict,
+                      relative: bool = True) -> np.ndarray:
+    """Smallest volume change (mm^3) called a change, per lesion (see module notes).
+
+    ``relative=False`` leaves out the size-dependent relative term: used when the
+    change is confirmed in the FLAIR subtraction, which replaces the reader's
+    measurement variability that term stands for.
+    """
     v0 = np.asarray(v0_mm3, dtype=np.float64)
     n = np.asarray(shell_voxels, dtype=np.float64)
     sd = voxel_volume * np.sqrt((cfg["boundary_shift_voxels"] * n) ** 2 + 0.25 * n)
-    rel = np.where(v0 < cfg["size_boundary_mm3"], cfg["enlarge_rel_small"], cfg["enlarge_rel_large"])
-    return np.maximum(np.maximum(cfg["min_change_mm3"], rel * v0), cfg["mdc_z"] * sd)
+    need = np.maximum(cfg["min_change_mm3"], cfg["mdc_z"] * sd)
+    if relative:
+        rel = np.where(v0 < cfg["size_boundary_mm3"], cfg["enlarge_rel_small"],
+                       cfg["enlarge_rel_large"])
+        need = np.maximum(need, rel * v0)
+    return need
 
 
 def volume_status(v0_mm3, v1_mm3, shell_voxels, voxel_volume: float, cfg: dict) -> np.ndarray:
@@ -93,11 +103,20 @@ class DifferenceEvidence:
     region is its median difference divided by the standard error of a median,
     ``1.2533 * sigma / sqrt(n_eff)``: a one-sided z statistic that is independent
     of the intensity scale, of global drifts and of the resampling smoothness.
+    With ``background_mm`` > 0, differences varying more slowly than a Gaussian of that
+    width (mm), estimated over the region outside lesions, are removed first: lesion
+    change is focal, while bias fields and normalisation errors vary slowly.
     """
 
-    def __init__(self, f_prev, f_cur, brain, exclude):
+    def __init__(self, f_prev, f_cur, brain, exclude, spacing=(1.0, 1.0, 1.0),
+                 background_mm: float = 0.0):
         self.diff = np.asarray(f_cur, dtype=np.float32) - np.asarray(f_prev, dtype=np.float32)
         region = (brain if brain is not None else (f_prev != 0) | (f_cur != 0)) & ~exclude
+        if background_mm > 0:
+            # remove slowly varying differences (bias fields, normalisation): a
+            # normalised Gaussian average of the difference over the region
+            sig = [background_mm / float(sp) for sp in spacing]
+            self.diff -= _background(self.diff, region, sig)
         vals = self.diff[region]
         if vals.size < 100:
             raise ValueError(f"too few brain voxels outside lesions ({vals.size}) to estimate "
@@ -132,3 +151,26 @@ class DifferenceEvidence:
 
 def _robust_sd(vals, centre) -> float:
     return 1.4826 * float(np.median(np.abs(vals - centre)))
+
+
+def _background(values: np.ndarray, region: np.ndarray, sigma_vox) -> np.ndarray:
+    """Normalised Gaussian average of ``values`` over ``region`` (wide kernel).
+
+    Computed on a grid of blocks about a third of the kernel width along each axis
+    (a kernel that wide loses nothing there), then interpolated linearly back to the
+    full grid.
+    """
+    k = [max(1, int(s // 3)) for s in sigma_vox]
+    pad = [(0, (-n) % f) for n, f in zip(values.shape, k)]
+    shp = [(n + p[1]) // f for n, p, f in zip(values.shape, pad, k)]
+
+    def coarse(a):
+        b = np.pad(a, pad, mode="constant").reshape(shp[0], k[0], shp[1], k[1], shp[2], k[2])
+        return ndi.gaussian_filter(b.mean(axis=(1, 3, 5)), [s / f for s, f in zip(sigma_vox, k)],
+                                   mode="constant")
+
+    w = coarse(region.astype(np.float32))
+    ratio = coarse(np.where(region, values, 0).astype(np.float32)) / np.maximum(w, 1e-6)
+    ratio[w < 1e-6] = 0.0
+    up = ndi.zoom(ratio.astype(np.float32), k, order=1, mode="nearest", grid_mode=True)
+    return up[: values.shape[0], : values.shape[1], : values.shape[2]]

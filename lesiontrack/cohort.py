@@ -20,6 +20,7 @@ address, or SLURM jobs through dask-jobqueue), one subject per worker at a time.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -191,7 +192,7 @@ def run_participants(bids_dir, output_dir, cfg, *, participant_labels=None, sess
     # every subject's input problems, before any work starts
     for s in todo:
         for problem in bids.check_subject(bids_dir, s, sessions):
-            show.info(f"input problem: {problem}")
+            show.info(f"input problem: {problem}", warn=True)
     bids.write_dataset_description(output_dir)
     for s in subjects:
         if s in rows:
@@ -233,14 +234,15 @@ def _run_on_dask(todo, rows, show, bids_dir, output_dir, cfg, sessions, where,
                 s = futures[fut]
                 try:
                     row = fut.result()
-                except Exception as exc:  # noqa: BLE001 - worker lost, result unreadable
+                except (Exception, asyncio.CancelledError) as exc:  # noqa: BLE001 - worker or
+                    # scheduler lost, result unreadable: the subject fails, the run goes on
                     row = _failed_task(output_dir, s, exc)
                 rows[s] = row
                 show.update(row)
                 bids.write_run_status(output_dir, [rows[x] for x in sorted(rows)])
                 if row["status"] == "failed" and stop_on_first_crash:
                     show.info(f"stopping: sub-{s} failed and stop_on_first_crash is set")
-                    _stop(client, futures, rows, output_dir, show)
+                    _stop(client, futures, rows, show)
                     break
     except KeyboardInterrupt as exc:
         interrupted = exc
@@ -267,7 +269,7 @@ def _run_on_dask(todo, rows, show, bids_dir, output_dir, cfg, sessions, where,
         raise interrupted
 
 
-def _stop(client, futures, rows, output_dir, show) -> None:
+def _stop(client, futures, rows, show) -> None:
     """Cancel what has not finished; keep the rows of subjects that did finish."""
     pending = [f for f, s in futures.items() if s not in rows and not f.done()]
     client.cancel(pending)

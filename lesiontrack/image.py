@@ -126,6 +126,24 @@ def crop_image(img: Image, slices) -> Image:
     return Image(img.data[tuple(slices[:3])].copy(), aff, img.is_label, img.source)
 
 
+def _diagnose(path: Path, exc: Exception) -> str:
+    """Why nibabel could not open ``path``: an unusable qform/sform, or not NIfTI at all."""
+    try:
+        with nib.openers.ImageOpener(str(path)) as fh:
+            hdr = nib.Nifti1Header.from_fileobj(fh, check=False)
+        is_nifti = int(hdr["sizeof_hdr"]) == 348 and bytes(hdr["magic"]).rstrip(b"\0") in (b"n+1", b"ni1")
+    except Exception:
+        is_nifti = False
+    for which in ("sform", "qform") if is_nifti else ():
+        if int(hdr[f"{which}_code"]):
+            try:
+                with np.errstate(all="ignore"):
+                    getattr(hdr, f"get_{which}")()
+            except Exception as err:
+                return f"the {which} is invalid ({err}); the orientation cannot be read"
+    return f"not a readable NIfTI image ({type(exc).__name__}: {exc})"
+
+
 def _read_nifti(path: Path):
     if not path.exists():
         raise ImageError(f"{path}: file does not exist")
@@ -137,7 +155,7 @@ def _read_nifti(path: Path):
         with np.errstate(all="ignore"):
             img = nib.load(str(path))
     except Exception as exc:  # nibabel raises many types for unreadable files
-        raise ImageError(f"{path}: not a readable NIfTI image ({type(exc).__name__}: {exc})") from None
+        raise ImageError(f"{path}: {_diagnose(path, exc)}") from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise ImageError(f"{path}: expected a NIfTI image, got {type(img).__name__}")
     return img

@@ -13,7 +13,6 @@ truth") for the file layout.
 """
 from __future__ import annotations
 
-import json
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -188,7 +187,8 @@ def _make_subject(bids, truth, label, s, seed, resolution, skull, progress):
     write_json(sdir / f"{sub}_sessions.json", _SESSIONS_JSON)
 
     aff = anat.affine
-    head = render(anat, "T1w") > 0.02
+    ref = render(anat, "T1w")
+    head = ref > 0.02
     idx = np.argwhere(head)
     box_vox = np.array([idx.min(0), idx.max(0)], float)
     ends = box_vox @ aff[:3, :3].T + aff[:3, 3]
@@ -196,7 +196,6 @@ def _make_subject(bids, truth, label, s, seed, resolution, skull, progress):
     centre = np.argwhere(anat.brain).mean(0) @ aff[:3, :3].T + aff[:3, 3]
     vv = float(abs(np.linalg.det(aff[:3, :3])))
 
-    ref = render(anat, "T1w")
     write_nifti(tdir / f"{sub}_space-world_T1w.nii.gz", ref * 500.0, aff, np.uint16)
     write_nifti(tdir / f"{sub}_space-world_label-brain_mask.nii.gz", anat.brain, aff, np.uint8)
     geo_rows, out_files = [], {}
@@ -276,7 +275,7 @@ def _truth_table(visits, events, des, session_ids, aff, vv) -> pd.DataFrame:
     T = len(visits)
     vol = np.zeros((n_id, T))
     meas = {k: np.zeros((n_id, T)) for k in ("restricted", "blackhole", "enhancing")}
-    cen = np.zeros((n_id, T, 3))
+    cen = np.full((n_id, T, 3), np.nan)
     for t, v in enumerate(visits):                      # loop over sessions
         lab = v.ids.ravel()
         vol[:, t] = np.bincount(lab, minlength=n_id) * vv
@@ -309,11 +308,19 @@ def _truth_table(visits, events, des, session_ids, aff, vv) -> pd.DataFrame:
         "volume_mm3": vol[lid, t], "status": status[lid, t],
         "restricted_mm3": meas["restricted"][lid, t], "blackhole_mm3": meas["blackhole"][lid, t],
         "enhancing_mm3": meas["enhancing"][lid, t],
-        "merged_into": pd.array([events["merged_into"].get((int(i), int(j))) for i, j in zip(lid, t)],
-                                dtype="Int64"),
-        "split_from": pd.array([events["split_from"].get((int(i), int(j))) for i, j in zip(lid, t)],
-                               dtype="Int64"),
+        "merged_into": _event_column(events["merged_into"], lid, t, n_id, T),
+        "split_from": _event_column(events["split_from"], lid, t, n_id, T),
         "centroid_x": cen[lid, t, 0], "centroid_y": cen[lid, t, 1], "centroid_z": cen[lid, t, 2],
         "location": [LOCATIONS.get(int(c), "deep") for c in design_loc[lid]],
     })
     return df.sort_values(["lesion_id", "session_id"]).round(3).reset_index(drop=True)
+
+
+def _event_column(event: dict, lid, t, n_id, n_t):
+    """Nullable Int64 column from an ``{(lesion_id, session_index): other_id}`` dict."""
+    grid = np.zeros((n_id, n_t), np.int64)
+    if event:
+        keys = np.array(list(event), dtype=np.int64).reshape(-1, 2)
+        grid[keys[:, 0], keys[:, 1]] = np.array(list(event.values()), dtype=np.int64)
+    vals = grid[lid, t]
+    return pd.arrays.IntegerArray(vals, mask=vals <= 0)

@@ -208,9 +208,10 @@ def run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None, prog
         if arrs:
             means[mod] = grid.with_data(np.mean(arrs, axis=0, dtype=np.float32))
     priors = preprocess.prepare_subject(means, cfg["preprocess"])
-    pre = {sid: preprocess.preprocess_session(aligned[sid], priors, spacing, cfg["preprocess"])
-           for sid in sids}
-    del aligned
+    del means
+    pre = {}
+    for sid in sids:  # free each session's raw resampled arrays as soon as they are preprocessed
+        pre[sid] = preprocess.preprocess_session(aligned.pop(sid), priors, spacing, cfg["preprocess"])
     timing["preprocess_s"] = time.perf_counter() - t0
 
     # 5. segmentation --------------------------------------------------------------

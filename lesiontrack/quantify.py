@@ -2,7 +2,8 @@
 
 :func:`lesion_table` gives ``sub-<s>_desc-lesions_stats.tsv`` and :func:`session_table`
 ``sub-<s>_desc-sessions_stats.tsv``; :data:`LESION_COLUMNS` and :data:`SESSION_COLUMNS`
-describe every column for the JSON sidecars. Everything is computed once per session
+describe every column for the JSON sidecars (``location`` only appears with priors;
+the clinical columns of ``sessions.tsv`` keep the descriptions of its own sidecar). Everything is computed once per session
 over all lesion labels at a time (``np.bincount`` / ``scipy.ndimage`` with an index
 array); a measure whose contrast is missing at a session is NaN there, not zero.
 """
@@ -45,11 +46,11 @@ LESION_COLUMNS = {
                                    "(empty otherwise)", "Units": "n/a"},
     "split_from": {"Description": "lesion_id of the lesion this one came out of at this "
                                   "session (empty otherwise)", "Units": "n/a"},
+    "location": {"Description": "Location class (present when anatomical priors were "
+                                "computed): infratentorial when mostly so, else "
+                                "periventricular or juxtacortical when touching that zone, "
+                                "else deep white matter, or none", "Units": "n/a"},
 }
-_LOCATION_COLUMN = {"location": {"Description": "Most frequent location class of the lesion's "
-                                                "voxels: periventricular, juxtacortical, "
-                                                "infratentorial, deep white matter or none",
-                                 "Units": "n/a"}}
 
 SESSION_COLUMNS = {
     "session_id": {"Description": "Session, as in sessions.tsv", "Units": "n/a"},
@@ -61,7 +62,8 @@ SESSION_COLUMNS = {
                                  "present, when the pipeline counts baseline lesions as new)",
                   "Units": "count"},
     "enlarging_count": {"Description": "Lesions with status enlarging", "Units": "count"},
-    "resolved_count": {"Description": "Lesions with status resolved", "Units": "count"},
+    "resolved_count": {"Description": "Lesions with status resolved (not counting lesions "
+                                      "that merged into another)", "Units": "count"},
     "restricted_volume_mm3": {"Description": "Total volume with restricted diffusion (n/a "
                                              "without DWI)", "Units": "mm^3"},
     "blackhole_volume_mm3": {"Description": "Total T1 black-hole volume (n/a without T1w)",
@@ -154,13 +156,23 @@ def lesion_table(tracking, masks, session_ids, grid: Image, priors=None) -> pd.D
 
 
 def _location(lab, loc, ids, nmax) -> np.ndarray:
-    """Most frequent location class per lesion (empty string when absent)."""
+    """Location class per lesion, by the clinical precedence of the MRI criteria.
+
+    Mostly (> 50 %) infratentorial -> infratentorial; else touching the periventricular
+    zone -> periventricular; else touching the juxtacortical zone -> juxtacortical; else
+    deep white matter when any voxel is; else none (empty string when absent).
+    """
     sel = lab > 0
     nloc = len(LOCATION_NAMES)
     hist = np.bincount(lab[sel].astype(np.int64) * nloc + np.clip(loc[sel], 0, nloc - 1),
                        minlength=(nmax + 1) * nloc).reshape(nmax + 1, nloc)
-    names = LOCATION_NAMES[hist.argmax(axis=1)].astype(object)
-    names[hist.sum(axis=1) == 0] = ""
+    total = hist.sum(axis=1)
+    code = np.zeros(nmax + 1, np.int64)
+    for c in (4, 2, 1):                     # lowest precedence first, overwritten later
+        code[hist[:, c] > 0] = c
+    code[hist[:, 3] * 2 > total] = 3
+    names = LOCATION_NAMES[code].astype(object)
+    names[total == 0] = ""
     return names[ids]
 
 
@@ -189,7 +201,8 @@ def session_table(tracking, masks, sessions_df: pd.DataFrame, grid: Image,
     sids = sessions_df["session_id"].astype(str).tolist()
     _check(tracking, masks, len(sids), grid)
     vv = grid.voxel_volume
-    status = pd.crosstab(lesion_df["session_id"], lesion_df["status"]).reindex(
+    counted = lesion_df[lesion_df["merged_into"].isna()]      # a merge is not a resolution
+    status = pd.crosstab(counted["session_id"], counted["status"]).reindex(
         index=sids, columns=["new", "enlarging", "resolved"], fill_value=0)
     rows = []
     for t, lab in enumerate(tracking.labels):

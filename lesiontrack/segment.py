@@ -101,6 +101,7 @@ class _Tissue:
             if idx.size < 100:
                 idx = np.flatnonzero(brain)
             self.idx[name] = idx[::max(1, idx.size // cap)]
+        self.gm_possible = gm >= float(cfg["gm_possible_min"])
         self.bins = int(cfg["histogram_bins"])
         self._cache = {}
 
@@ -115,13 +116,15 @@ class _Tissue:
         return self._cache[key, tissue]
 
     def z_hyper(self, key, arr):
-        """Hyperintensity: the smaller z against the WM and the GM peak (low-side widths)."""
+        """Hyperintensity z against normal white matter and, where the atlas allows grey
+        matter (``gm_possible``), the smaller of the z-scores against the WM and GM peaks."""
         pw, pg = self.peak(key, arr, "wm"), self.peak(key, arr, "gm")
         zw = arr - np.float32(pw.mode)
         zw *= np.float32(1.0 / pw.sigma_low)
         zg = arr - np.float32(pg.mode)
         zg *= np.float32(1.0 / pg.sigma_low)
-        return np.minimum(zw, zg, out=zw)
+        np.minimum(zw, zg, out=zg)
+        return np.where(self.gm_possible, zg, zw)
 
 
 def lesion_score(images: dict, brain, tissue: _Tissue) -> np.ndarray:
@@ -155,12 +158,20 @@ def _segment_lesions(images, brain, location, tissue, spacing, cfg) -> np.ndarra
     lab, n = ndi.label(score > float(cfg["grow_z"]), structure=ndi.generate_binary_structure(3, conn))
     if n == 0:
         return np.zeros(brain.shape, bool)
-    keep = np.zeros(n + 1, bool)
-    keep[lab[score > float(cfg["seed_z"])]] = True
+    seeds = score > float(cfg["seed_z"])
+    seed_lab = lab[seeds]
+    n_seed = np.bincount(seed_lab, minlength=n + 1)
+    keep = n_seed > 0
+    # boundary at a fraction of each lesion's own contrast (the partial-volume midpoint for
+    # 0.5): per component, the mean score of its seed voxels sets the level
+    core = np.bincount(seed_lab, weights=score[seeds], minlength=n + 1) / np.maximum(n_seed, 1)
+    level = np.maximum(float(cfg["boundary_fraction"]) * core, float(cfg["grow_z"])).astype(np.float32)
+    level[0] = np.inf
+    lesion = keep[lab] & (score >= level[lab])
     vox = float(np.prod(spacing))
-    keep &= np.bincount(lab.ravel(), minlength=n + 1) * vox >= float(cfg["min_lesion_mm3"])
+    keep &= np.bincount(lab[lesion], minlength=n + 1) * vox >= float(cfg["min_lesion_mm3"])
     keep[0] = False
-    lesion = keep[lab]
+    lesion &= keep[lab]
     # CSF-border pruning: share of each component's outside contacts that are CSF-like
     if "FLAIR" in images:
         ref = images["FLAIR"]
@@ -186,7 +197,7 @@ def _segment_lesions(images, brain, location, tissue, spacing, cfg) -> np.ndarra
     border = np.bincount(labs, weights=n_out, minlength=n + 1)
     on_csf = np.bincount(labs, weights=n_csf, minlength=n + 1)
     keep &= on_csf <= float(cfg["max_csf_border"]) * np.maximum(border, 1)
-    return keep[lab]
+    return lesion & keep[lab]
 
 
 def _empty(shape):

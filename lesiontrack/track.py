@@ -26,14 +26,15 @@ import pandas as pd
 
 from ._track_match import _first_per_group, label_components, match_components
 from ._track_status import (ENLARGING, NEW, RESOLVED, SHRINKING, STABLE, STATUS,
-                            DifferenceEvidence, boundary_shell, volume_status)
+                            DifferenceEvidence, boundary_shell, detectable_change, volume_status)
 
 __all__ = ["Tracking", "TrackingError", "track_lesions", "EVENT_COLUMNS"]
 
 EVENT_COLUMNS = ["lesion_id", "session_index", "status", "merged_into", "split_from", "volume_mm3"]
 _KEYS = {"connectivity": int, "min_overlap_voxels": int, "min_change_mm3": float,
          "size_boundary_mm3": float, "enlarge_rel_small": float, "enlarge_rel_large": float,
-         "boundary_shift_voxels": float, "mdc_z": float, "min_intensity_z": float, "baseline_status": str,
+         "boundary_shift_voxels": float, "mdc_z": float, "min_intensity_z": float,
+         "background_mm": float, "baseline_status": str,
          "merged_status": str, "remember_resolved": bool}
 
 
@@ -82,7 +83,7 @@ def _check_cfg(cfg: dict) -> dict:
         raise TrackingError(f"[track] connectivity must be 1, 2 or 3 (6-, 18-, 26-neighbourhood), "
                             f"got {cfg['connectivity']}")
     for k in ("min_change_mm3", "size_boundary_mm3", "enlarge_rel_small", "enlarge_rel_large",
-              "boundary_shift_voxels", "mdc_z", "min_intensity_z"):
+              "boundary_shift_voxels", "mdc_z", "min_intensity_z", "background_mm"):
         if not out[k] >= 0:
             raise TrackingError(f"[track] {k} must be >= 0, got {cfg[k]}")
     for k, allowed in (("baseline_status", ("new", "stable")), ("merged_status", ("stable", "resolved"))):
@@ -184,7 +185,8 @@ def track_lesions(lesion_masks, spacing, cfg: dict, flair=None, brain_mask=None)
         lab, n = label_components(masks[t], c["connectivity"])
         ev = None
         if flair is not None and flair[t] is not None and flair[t - 1] is not None:
-            ev = DifferenceEvidence(flair[t - 1], flair[t], brain, state.mask | masks[t])
+            ev = DifferenceEvidence(flair[t - 1], flair[t], brain, state.mask | masks[t],
+                                    spacing, c["background_mm"])
         out = _step(t, state, lab, n, masks[t], ev, memory, first_seen, next_id, c, vv,
                     merged_status)
         first_seen = np.concatenate([first_seen, np.full(out["next_id"] - next_id, t, np.int64)])
@@ -255,29 +257,40 @@ def _step(t, prev: _State, lab, n, mask, ev, memory, first_seen, next_id, c, vv,
 
     vanished = (m.dest == 0)
     vanished[0] = False
-    zmin = c["min_intensity_z"]
-    # image evidence for lesions that appear or disappear (not for rims of growth or
-    # shrinkage, whose partial-volume signal is weak: those rest on the volume rule)
-    up = np.ones(n + 1, bool)
-    res_ok = np.ones(prev.n + 1, bool)
-    if ev is not None:
-        is_cand = np.zeros(n + 1, bool)
-        is_cand[cand] = True
-        up = ev.zscore(np.where(is_cand[lab], lab, 0), n) >= zmin
-        res_ok = ev.zscore(np.where(vanished[prev.lab], prev.lab, 0), prev.n) <= -zmin
-    new_ok = (vol1 >= c["min_change_mm3"]) & up
+    is_cand = np.zeros(n + 1, bool)
+    is_cand[cand] = True
+    new_ok = vol1 >= c["min_change_mm3"]
+    if ev is not None:                         # a new lesion must be new in the images
+        new_ok &= ev.zscore(np.where(is_cand[lab], lab, 0), n) >= c["min_intensity_z"]
     status[cand] = np.where(new_ok[cand], NEW, STABLE)
-    status[child] = status[m.dest[m.parent[child]]]
+    lineage = np.arange(n + 1)
+    lineage[child] = m.dest[m.parent[child]]
+    status[child] = status[lineage[child]]
 
-    gained = mask & ~prev.mask
-    lost = prev.mask & ~mask
-    chg = np.zeros(mask.shape, np.uint8)
+    # change map: gained / lost voxels in connected components that are themselves a
+    # detectable change (see docs/tracking.md); with FLAIR, the confirmed gross change
+    # of a lesion decides enlarging / shrinking
+    gain = _confirmed(mask & ~prev.mask, +1, ev, c, vv)
+    loss = _confirmed(prev.mask & ~mask, -1, ev, c, vv)
+    up = np.bincount(lineage[lab[gain]], minlength=n + 1) * vv
+    down = np.bincount(m.dest[prev.lab[loss]], minlength=n + 1) * vv
+    cont = ~is_cand
+    cont[0] = False
+    if ev is not None:
+        need = detectable_change(v0, s0, vv, c, relative=False)
+        st = np.full(n + 1, STABLE, np.int8)
+        st[(up >= need) & (up > down)] = ENLARGING
+        st[(down >= need) & (down > up)] = SHRINKING
+        status[cont] = st[lineage][cont]
+    else:
+        status[(status == ENLARGING) & ~(up[lineage] > 0)] = STABLE
+        status[(status == SHRINKING) & ~(down[lineage] > 0)] = STABLE
     grow = (status == NEW) | (status == ENLARGING)
-    chg[gained & grow[lab]] = 1
-    shrink_prev = (status[m.dest] == SHRINKING) & ~vanished
-    shrink_prev |= vanished & res_ok & (vol0 >= c["min_change_mm3"])
-    shrink_prev[0] = False
-    chg[lost & shrink_prev[prev.lab]] = 2
+    shrink = ((status[m.dest] == SHRINKING) & ~vanished) | vanished
+    shrink[0] = False
+    chg = np.zeros(mask.shape, np.uint8)
+    chg[gain & grow[lab]] = 1
+    chg[loss & shrink[prev.lab]] = 2
 
     if memory is not None and vanished.any():
         foot = vanished[prev.lab]
@@ -293,3 +306,20 @@ def _step(t, prev: _State, lab, n, mask, ev, memory, first_seen, next_id, c, vv,
     return {"ids": ids, "next_id": next_id, "change": chg, "events": df,
             "status_all": np.concatenate([status[1:], np.full(gone.size, RESOLVED)]).astype(np.int64),
             "n_merged": int(merged.size), "n_split": int(child.size)}
+
+
+def _confirmed(cand: np.ndarray, sign: int, ev, c: dict, vv: float) -> np.ndarray:
+    """Voxels of ``cand`` in connected components that are a detectable change.
+
+    A component counts when its volume reaches ``min_change_mm3`` and, with FLAIR
+    evidence, its FLAIR change has the right sign (``sign``) and a score of at least
+    ``min_intensity_z``.
+    """
+    lab, k = label_components(cand, c["connectivity"])
+    if k == 0:
+        return cand
+    ok = np.bincount(lab.ravel(), minlength=k + 1) * vv >= c["min_change_mm3"]
+    if ev is not None:
+        ok &= sign * ev.zscore(lab, k) >= c["min_intensity_z"]
+    ok[0] = False
+    return ok[lab]

@@ -189,6 +189,12 @@ def test_unsupported_data_type(tmp_path):
     path = _write(tmp_path / "complex.nii.gz", data)
     with pytest.raises(ImageError, match=r"complex\.nii\.gz: unsupported voxel data type"):
         load_image(path)
+    rgb_type = np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")])
+    rgb = np.zeros((6, 6, 6), rgb_type)
+    rgb["G"] = 200
+    path = _write(tmp_path / "rgb.nii.gz", rgb)
+    with pytest.raises(ImageError, match=r"rgb\.nii\.gz: unsupported voxel data type"):
+        load_image(path)
 
 
 def test_bad_label_maps(tmp_path):
@@ -258,6 +264,24 @@ def test_zero_voxel_size_in_qform(tmp_path):
     path.write_bytes(bytes(raw))
     with pytest.raises(ImageError, match=r"pixdim0\.nii: affine is degenerate \(a voxel size"):
         load_image(path)
+
+
+@pytest.mark.parametrize("sform", [False, True])
+def test_impossible_qform_quaternion(tmp_path, sform):
+    img = nib.Nifti1Image(_volume(), None)
+    img.set_qform(AFF, code=1)
+    img.set_sform(AFF if sform else None, code=1 if sform else 0)
+    path = tmp_path / "quat.nii"
+    nib.save(img, str(path))
+    raw = bytearray(path.read_bytes())
+    raw[256:268] = np.array([0.0, 1.0, 1.0], "<f4").tobytes()  # b^2 + c^2 + d^2 > 1
+    path.write_bytes(bytes(raw))
+    if sform:
+        with pytest.warns(UserWarning, match=r"quat\.nii: the qform is invalid .*using the sform"):
+            np.testing.assert_allclose(load_image(path).affine, AFF)
+    else:
+        with pytest.raises(ImageError, match=r"quat\.nii: the qform is invalid .*orientation cannot be read"):
+            load_image(path)
 
 
 def test_left_right_flipped_copy_is_the_same_world_image(tmp_path):

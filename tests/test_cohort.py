@@ -36,8 +36,12 @@ def fake_run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None,
     out = Path(output_dir) / f"sub-{subject}"
     rel = f"sub-{subject}/sub-{subject}_desc-sessions_stats.tsv"
     ses = session_labels or ["01", "02"]
-    write_text(Path(output_dir) / rel, "session_id\tlesion_count\tedss\n" + "".join(
-        f"ses-{s}\t{i + 3}\tn/a\n" for i, s in enumerate(ses)))
+    cols = ("session_id\tlesion_count\tedss\tacq_time\tlesion_volume_mm3\tnew_count\t"
+            "enlarging_count\tresolved_count\trestricted_volume_mm3\tblackhole_volume_mm3\t"
+            "enhancing_count\n")
+    write_text(Path(output_dir) / rel, cols + "".join(
+        f"ses-{s}\t{i + 3}\tn/a\t2020-0{i + 1}-01T10:00:00\t{100.5 * (i + 1)}\t{i}\t0\t0\t"
+        f"{10.0 * i}\t0.0\t{2 - i}\n" for i, s in enumerate(ses)))
     write_json(out / f"sub-{subject}_desc-sessions_stats.json",
                {"lesion_count": {"Description": "number of lesions"}})
     write_json(out / f"sub-{subject}_provenance.json",
@@ -238,6 +242,7 @@ def test_run_group(dataset, cfg):
     assert side["lesion_count"]["Description"] == "number of lesions"
     assert list(cohort.run_group(out, participant_labels=["sub-03"])["participant_id"]) == \
         ["sub-03", "sub-03"]
+    assert (out / "group.html").exists()  # the group report
     with pytest.raises(cohort.CohortError, match="no complete subject"):
         cohort.run_group(out / "sub-02")
 
@@ -264,3 +269,16 @@ def test_progress_bar_and_lines():
     Progress(1, enabled=False, stream=silent).update(
         {"participant_id": "sub-01", "status": "ok", "message": ""})
     assert silent.getvalue() == ""
+
+
+def test_progress_bar_on_terminal(dataset, cfg, monkeypatch):
+    class TTY(io.StringIO):
+        def isatty(self):
+            return True
+
+    err = TTY()
+    monkeypatch.setattr("sys.stderr", err)
+    _run(dataset[0], dataset[1], cfg, progress=True)
+    text = err.getvalue()
+    assert "\r" in text and "3/3 subjects  ok 2  failed 1  skipped 0" in text
+    assert "sub-02: failed" in text

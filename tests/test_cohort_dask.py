@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import dask
@@ -184,8 +185,8 @@ def phantom3(tmp_path_factory):
     return root / "bids"
 
 
-@pytest.fixture
-def dask_scheduler(tmp_path):
+@contextmanager
+def _dask_processes(tmp_path, preload=None):
     """A ``dask scheduler`` and two single-threaded ``dask worker`` processes on 127.0.0.1."""
     from distributed import Client
     port = _free_port()
@@ -201,7 +202,8 @@ def dask_scheduler(tmp_path):
             procs.append(subprocess.Popen(
                 ["dask", "worker", addr, "--host", "127.0.0.1", "--nthreads", "1",
                  "--nworkers", "1", "--no-dashboard", "--memory-limit", "6GB",
-                 "--name", f"w{i}", "--local-directory", str(tmp_path / f"w{i}")],
+                 "--name", f"w{i}", "--local-directory", str(tmp_path / f"w{i}")]
+                + (["--preload", str(preload)] if preload else []),
                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 start_new_session=True))
         with Client(addr, timeout="60s") as client:
@@ -217,6 +219,30 @@ def dask_scheduler(tmp_path):
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
+
+
+@pytest.fixture
+def dask_scheduler(tmp_path):
+    with _dask_processes(tmp_path) as addr:
+        yield addr
+
+
+def test_scheduler_cohort_quick(tmp_path):
+    """Fast variant: real scheduler and worker processes, quick stand-in pipeline."""
+    bids_dir = _bids(tmp_path)
+    (bids_dir / "sub-02" / "BROKEN").write_text("x")
+    out = tmp_path / "out"
+    with _dask_processes(tmp_path, preload=FAKE) as addr:
+        rows = cohort.run_participants(bids_dir, out, load_config(), scheduler=addr,
+                                       progress=False)
+    assert [r["status"] for r in rows] == ["ok", "failed", "ok"]
+    assert "deliberately broken" in next((out / "sub-02" / "log").glob("crash-*")).read_text()
+    pids = {json.loads((out / f"sub-{s}" / f"sub-{s}_threads.json").read_text())["pid"]
+            for s in ("01", "03")}
+    assert os.getpid() not in pids
+    # two single-threaded workers on one host share its CPUs
+    info = json.loads((out / "sub-01" / "sub-01_threads.json").read_text())
+    assert info["sitk"] == max(1, available_cpus() // 2) and info["blas"] == [info["sitk"]]
 
 
 def _outputs_complete(out: Path, subject: str) -> bool:

@@ -22,7 +22,7 @@ from lesiontrack import sitk_bridge as sb
 from lesiontrack.image import Image, ImageError, load_image, save_image
 
 SCALE = max(1, int(os.environ.get("LESIONTRACK_FUZZ_SCALE", "1")))
-N_HEADER, N_GEOMETRY, N_LABEL, N_CORE = 300 * SCALE, 40 * SCALE, 60 * SCALE, 25 * SCALE
+N_HEADER, N_GEOMETRY, N_LABEL, N_CORE = 150 * SCALE, 40 * SCALE, 60 * SCALE, 25 * SCALE
 
 
 def _fuzz(n):
@@ -99,11 +99,16 @@ def _check_valid(img, wanted, is_label):
     assert min(img.shape[:3]) >= 2
 
 
+@pytest.fixture(scope="module")
+def fuzz_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("fuzz")
+
+
 @_fuzz(N_HEADER)
 @given(case=nifti_files())
-def test_load_image_returns_a_valid_image_or_raises_image_error(case, tmp_path_factory):
+def test_load_image_returns_a_valid_image_or_raises_image_error(case, fuzz_dir):
     hdr, data, ndim, is_label = case
-    path = tmp_path_factory.mktemp("fuzz") / "fuzz.nii"
+    path = fuzz_dir / "fuzz.nii"
     with open(path, "wb") as fh:
         fh.write(hdr.binaryblock)
         fh.write(b"\0" * 4)
@@ -146,7 +151,7 @@ def geometries(draw):
 
 @_fuzz(N_GEOMETRY)
 @given(geom=geometries(), seed=st.integers(0, 2**16))
-def test_any_orientation_survives_file_and_sitk_round_trips(geom, seed, tmp_path_factory):
+def test_any_orientation_survives_file_and_sitk_round_trips(geom, seed, fuzz_dir):
     import SimpleITK as sitk
 
     aff, shape = geom
@@ -155,7 +160,7 @@ def test_any_orientation_survives_file_and_sitk_round_trips(geom, seed, tmp_path
     back = sb.from_sitk(sb.to_sitk(img))
     np.testing.assert_array_equal(back.data, data)
     np.testing.assert_allclose(back.affine, aff, atol=1e-9)
-    path = save_image(img, tmp_path_factory.mktemp("geom") / "g.nii.gz")
+    path = save_image(img, fuzz_dir / "g.nii.gz")
     loaded = load_image(path)
     np.testing.assert_allclose(loaded.affine, aff, atol=1e-3)
     simg = sitk.ReadImage(str(path))
@@ -215,3 +220,64 @@ def test_track_lesions_on_random_masks(masks):
             assert not np.any((out.change[t] == 2) & ~(~mask & masks[t - 1]))
     ids = set(np.unique(np.concatenate([lab.ravel() for lab in out.labels])).tolist()) - {0}
     assert ids <= set(out.events["lesion_id"].astype(int).tolist())
+
+
+@st.composite
+def sessions(draw):
+    shape = tuple(draw(st.lists(st.integers(6, 14), min_size=3, max_size=3)))
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    brain_kind = draw(st.sampled_from(["ball", "full", "empty", "random"]))
+    grid = np.indices(shape).transpose(1, 2, 3, 0) - (np.array(shape) - 1) / 2
+    brain = {"ball": (grid ** 2).sum(-1) <= (min(shape) / 2.2) ** 2, "full": np.ones(shape, bool),
+             "empty": np.zeros(shape, bool), "random": rng.random(shape) < 0.5}[brain_kind]
+    mods = draw(st.sets(st.sampled_from(["FLAIR", "T2w", "T1w", "ceT1w", "b1000", "ADC"]), min_size=1))
+    content = draw(st.sampled_from(["noise", "blobs", "constant", "zeros"]))
+    images = {}
+    for mod in sorted(mods):
+        base = 8e-4 if mod == "ADC" else 1.0
+        if content == "zeros":
+            arr = np.zeros(shape)
+        elif content == "constant":
+            arr = np.full(shape, base)
+        else:
+            arr = base * (1 + 0.1 * rng.normal(size=shape))
+            if content == "blobs":
+                arr[rng.random(shape) < 0.05] *= 2.5
+        images[mod] = np.clip(arr, 0, None).astype(np.float32)
+    wm = rng.random(shape).astype(np.float32)
+    gm = ((1 - wm) * rng.random(shape)).astype(np.float32)
+    priors = {"brain_mask": brain, "wm_prob": wm, "gm_prob": gm, "csf_prob": 1 - wm - gm,
+              "location": rng.integers(0, 5, shape).astype(np.uint8), "skullstripped": True}
+    external = (rng.random(shape) < 0.1) if draw(st.booleans()) else None
+    spacing = tuple(draw(st.lists(st.sampled_from([0.5, 1.0, 2.0, 3.0]), min_size=3, max_size=3)))
+    return images, priors, spacing, external
+
+
+@_fuzz(N_CORE)
+@given(case=sessions())
+def test_segment_session_on_random_sessions(case):
+    segment = pytest.importorskip("lesiontrack.segment")
+    from lesiontrack.config import load_config
+    from lesiontrack.preprocess import Priors
+
+    images, priors, spacing, external = case
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        try:
+            out = segment.segment_session(images, Priors(**priors), spacing, load_config()["segment"],
+                                          lesion_mask=external)
+        except ValueError as exc:  # the module's own error, with a message
+            assert str(exc)
+            return
+    shape = priors["brain_mask"].shape
+    for name in ("lesion", "restricted", "blackhole", "enhancing"):
+        m = getattr(out, name)
+        assert m.shape == shape and m.dtype == bool
+    for name in ("restricted", "blackhole", "enhancing"):
+        assert not np.any(getattr(out, name) & ~out.lesion)
+    if external is not None:
+        np.testing.assert_array_equal(out.lesion, external)
+    else:
+        assert not np.any(out.lesion & ~priors["brain_mask"])
+    assert "lesion" in out.available
+    assert ("restricted" in out.available) == ("ADC" in images)

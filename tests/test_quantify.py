@@ -64,7 +64,8 @@ def test_lesion_table(case):
     grid, masks, tr, sessions, (a, b, c) = case
     df = lesion_table(tr, masks, sessions.session_id, grid)
     assert list(df.columns) == LESION_CONTRACT
-    assert set(LESION_COLUMNS) == set(LESION_CONTRACT)
+    assert set(LESION_COLUMNS) == set(LESION_CONTRACT) | {"location"}
+    assert all(set(v) == {"Description", "Units"} for v in LESION_COLUMNS.values())
     ia, ib = tr.labels[0][a], tr.labels[0][b]
     row = df[(df.lesion_id == ia) & (df.session_id == "ses-01")].iloc[0]
     assert row.volume_mm3 == pytest.approx(ball(a, 3).sum() * 2.0)
@@ -87,14 +88,16 @@ def test_lesion_table(case):
 def test_lesion_table_location(case):
     grid, masks, tr, sessions, (a, b, c) = case
 
-    class Priors:
-        location = np.where(G[0] < 15, 1, 4).astype(np.uint8)
+    class Priors:   # a's ball touches the periventricular zone with 1 voxel row only
+        location = np.where(G[0] <= 5, 1, np.where(G[1] >= 22, 3, 4)).astype(np.uint8)
 
     df = lesion_table(tr, masks, sessions.session_id, grid, priors=Priors())
+    assert list(df.columns) == LESION_CONTRACT + ["location"]
     loc = dict(zip(zip(df.lesion_id, df.session_id), df.location))
-    assert loc[(tr.labels[0][a], "ses-01")] == "periventricular"
-    assert loc[(tr.labels[0][b], "ses-01")] == "deep white matter"
-    assert loc[(tr.labels[0][b], "ses-03")] == ""
+    assert loc[(tr.labels[0][a], "ses-01")] == "periventricular"      # touching wins
+    assert loc[(tr.labels[0][b], "ses-01")] == "deep white matter"    # minority infratentorial
+    assert loc[(tr.labels[1][c], "ses-02")] == "infratentorial"       # majority
+    assert loc[(tr.labels[0][b], "ses-03")] == ""                     # resolved
 
 
 def test_session_table(case):

@@ -35,6 +35,12 @@ def cfg():
     return load_config()["report"]
 
 
+@pytest.fixture(scope="module")
+def fast(cfg):
+    """Fewer slices and pixels, for tests about content rather than looks."""
+    return dict(cfg, n_slices=2, dpi=50)
+
+
 # --- slice choice -----------------------------------------------------------------------
 def test_choose_slices_picks_the_slice_of_largest_change(result, cfg):
     picks = choose_slices(result, cfg=cfg)
@@ -94,11 +100,10 @@ def test_outline_colours_follow_status(result, cfg):
     assert lut[2] == codes["new"] and lut[1] == codes["stable"] and lut[3] == codes["shrinking"]
     ev = evolution_figure(result, slices=[12, 18], cfg=cfg)
     from matplotlib.colors import to_rgba
-    from matplotlib.contour import ContourSet
 
     def drawn(ax):
-        return {tuple(np.round(c.get_edgecolor()[0], 3)) for c in ax.collections
-                if isinstance(c, ContourSet)}
+        return {tuple(np.round(col, 3)) for c in ax.collections if c.get_gid() == "status-outlines"
+                for col in c.get_edgecolor()}
 
     def colour(s):
         return tuple(np.round(to_rgba(cfg["status_colors"][s]), 3))
@@ -179,9 +184,9 @@ def test_swimmer_one_row_per_lesion(result, cfg):
     assert len(ax.get_yticklabels()) == 2 and "largest 2 of 4" in ax.get_title()
 
 
-def test_plot_figure_formats_and_errors(result, tmp_path, cfg):
+def test_plot_figure_formats_and_errors(result, tmp_path, cfg, fast):
     for name, ext in (("evolution", ".pdf"), ("trajectories", ".svg"), ("swimmer", ".png")):
-        p = plot_figure(result, name, tmp_path / f"f{ext}", cfg=cfg)
+        p = plot_figure(result, name, tmp_path / f"f{ext}", cfg=fast)
         assert p.exists() and p.stat().st_size > 1000
     assert (tmp_path / "f.pdf").read_bytes()[:4] == b"%PDF"
     assert b"<svg" in (tmp_path / "f.svg").read_bytes()[:500]
@@ -242,9 +247,20 @@ def test_report_tables_qc_flags_and_methods(built, result):
     assert "bins = 32" in html and "SimpleITK 2.3.1" in html and "abc123" in html
 
 
-def test_report_with_given_slices(result, tmp_path, cfg):
-    p = build_report(result, tmp_path, cfg, slices=[12])
+def test_report_with_given_slices(result, tmp_path, fast):
+    p = build_report(result, tmp_path, fast, slices=[12])
     assert "slice indices 12;" in p.read_text()
+
+
+def test_report_single_visit_without_lesions(tmp_path, fast):
+    r = make_result(n_sessions=1)
+    r.labels = [np.zeros_like(r.labels[0])]
+    r.lesions = pd.DataFrame()
+    r.sessions = r.sessions.assign(lesion_count=0, lesion_volume_mm3=0.0, new_count=0)
+    html = build_report(r, tmp_path, fast).read_text()
+    assert "0 lesions tracked" in html and html.count("data:image/png;base64,") == 3
+    ax = swimmer_figure(r, fast).axes[0]
+    assert [t.get_text() for t in ax.texts] == ["no lesions"]
 
 
 # --- rebuilding from derivatives --------------------------------------------------------
@@ -272,7 +288,7 @@ def _write_derivatives(r, out: Path):
     write_json(out / f"sub-{sub}" / f"sub-{sub}_provenance.json", dict(r.provenance, config=r.config))
 
 
-def test_load_result_round_trip(result, tmp_path, cfg):
+def test_load_result_round_trip(result, tmp_path, fast):
     _write_derivatives(result, tmp_path)
     back = load_result(tmp_path, "sub-01")
     assert back.subject == "01" and back.session_ids == result.session_ids
@@ -292,7 +308,7 @@ def test_load_result_round_trip(result, tmp_path, cfg):
     # the Otsu brain mask recovers the synthetic brain
     dice = 2 * np.sum(back.brain_mask & result.brain_mask) / (back.brain_mask.sum() + result.brain_mask.sum())
     assert dice > 0.95
-    html = build_report(back, tmp_path, cfg).read_text()
+    html = build_report(back, tmp_path, fast).read_text()
     assert "&lt;script&gt;" in html and "ADC" in html
 
 
@@ -309,7 +325,7 @@ def test_group_report(result, tmp_path, cfg):
     s1 = result.sessions.assign(participant_id="sub-01")
     s2 = make_result(n_sessions=3).sessions.assign(participant_id="sub-02")
     cohort = pd.concat([s1, s2], ignore_index=True)
-    build_report(result, tmp_path, cfg)
+    (tmp_path / "sub-01.html").write_text("<html></html>")  # a subject report to link to
     p = build_group_report(tmp_path, cohort, cfg)
     html = p.read_text()
     assert p == tmp_path / "group.html" and (tmp_path / "figures" / "group_cohort.png").exists()
@@ -324,12 +340,13 @@ def test_group_report(result, tmp_path, cfg):
         build_group_report(tmp_path, cohort.drop(columns="participant_id"), cfg)
 
 
-def test_report_png_is_small(result, cfg):
-    from lesiontrack.report._util import png_bytes
-    fig = evolution_figure(result, cfg=cfg).figure
-    png = png_bytes(fig, cfg["dpi"], cfg["png_colors"])
-    with PILImage.open(io.BytesIO(png)) as im:
+def test_report_png_is_small_and_keeps_the_outline_colours(built, cfg):
+    png = built[0] / "sub-01" / "figures" / "sub-01_evolution.png"
+    assert png.stat().st_size < 400 * 1024
+    with PILImage.open(png) as im:
         assert im.mode == "P" and im.size[0] < 1200
-    assert len(png) < 400 * 1024
-    full = png_bytes(fig, cfg["dpi"], 0)
-    assert len(png) < len(full)
+        colours = {c for _, c in im.convert("RGB").getcolors(1 << 16)}
+    # the palette keeps the rare status colours exactly (a plain median cut merges them)
+    for status in ("new", "enlarging", "stable", "shrinking"):
+        hexcol = cfg["status_colors"][status].lstrip("#")
+        assert tuple(int(hexcol[i:i + 2], 16) for i in (0, 2, 4)) in colours, status

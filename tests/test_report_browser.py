@@ -18,7 +18,7 @@ from PIL import Image as PILImage
 
 from _report_synth import make_result
 from lesiontrack.config import load_config
-from lesiontrack.report import build_report
+from lesiontrack.report import build_group_report, build_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 pytestmark = [
@@ -80,3 +80,12 @@ def test_status_check_detects_a_broken_image(report, tmp_path):
     broken.write_text(html.replace("data:image/png;base64,", "data:image/png;base64,AAAA", 1))
     root, _, _ = _open(tmp_path, broken)
     assert 'data-status="error: 1 image(s) not loaded' in root, root
+
+
+def test_group_report_opens(report, tmp_path):
+    cohort = make_result().sessions.assign(participant_id="sub-01")
+    group = build_group_report(report.parent, cohort, load_config()["report"])
+    root, dom, console = _open(tmp_path, group)
+    assert 'data-status="ok"' in root and 'data-images="1"' in root, root
+    assert console == [], console
+    assert 'href="sub-01.html"' in dom

@@ -323,3 +323,21 @@ def test_file_world_correction_for_qform_sform_disagreement(tmp_path):
     agree = load_image(save_image(img, tmp_path / "agree.nii.gz"))
     assert sb.file_world_correction(agree) is None
     assert sb.file_world_correction(Image(data, sform)) is None  # not from a file
+
+
+def test_file_world_correction_of_a_4d_series(tmp_path):
+    data = np.stack([_smooth((10, 9, 8), seed=s) for s in range(3)], axis=-1)
+    nimg = nib.Nifti1Image(data, None)
+    nimg.set_qform(ORIENTATIONS["RAS"], code=1)
+    nimg.set_sform(ORIENTATIONS["oblique"], code=1)
+    path = tmp_path / "dwi.nii.gz"
+    nib.save(nimg, str(path))
+    with pytest.warns(UserWarning, match="disagree"):
+        img = load_image(path, ndim=4)
+    corr = sb.file_world_correction(img)
+    # the correction carries nibabel's world point of a voxel onto SimpleITK's
+    ijk = np.array([[0, 0, 0], [9, 8, 7], [3, 4, 5]])
+    itk = np.array([sitk.ReadImage(str(path))[:, :, :, 0].TransformIndexToPhysicalPoint(tuple(int(v) for v in p))
+                    for p in ijk])
+    np.testing.assert_allclose(sb.transform_points(corr, sb.ras_to_lps_points(img.world_coords(ijk))), itk,
+                               atol=1e-3)

@@ -145,6 +145,27 @@ def test_new_needs_image_evidence(cfg):
     assert 0.05 < tr.intervals.noise_sd.iloc[0] < 0.09     # sqrt(2) * 0.05
 
 
+def test_enlarging_with_flair_needs_confirmed_growth(cfg):
+    """With FLAIR, growth counts only where the subtraction confirms it."""
+    rng = np.random.default_rng(1)
+    f0 = (1.0 + 0.05 * rng.standard_normal(SHAPE)).astype(np.float32)
+    f1 = (1.0 + 0.05 * rng.standard_normal(SHAPE)).astype(np.float32)
+    a, b = (10, 10, 10), (25, 25, 25)
+    f0[ball(a, 3) | ball(b, 5)] += 0.8
+    f1[ball(a, 5) | ball(b, 5)] += 0.8           # a grew in the images, b did not
+    m0 = union(ball(a, 3), ball(b, 4))           # b under-segmented at visit 0
+    m1 = union(ball(a, 5), ball(b, 5))
+    tr = track_lesions([m0, m1], (1, 1, 1), cfg, flair=[f0, f1], brain_mask=np.ones(SHAPE, bool))
+    assert status_of(tr, id_at(tr, 1, a), 1).status == "enlarging"
+    assert status_of(tr, id_at(tr, 1, b), 1).status == "stable"
+    grown = m1 & ~m0
+    assert np.all(tr.change[1][grown & ball(a, 5)] == 1)
+    assert not tr.change[1][grown & ball(b, 5)].any()
+    # without the images, b's mask growth (+95 %) is taken at face value
+    tr2 = track_lesions([m0, m1], (1, 1, 1), cfg)
+    assert status_of(tr2, id_at(tr2, 1, b), 1).status == "enlarging"
+
+
 def test_anisotropic_spacing_volumes(cfg):
     m = ball((18, 18, 18), 3)
     tr = track_lesions([m], (0.5, 0.5, 2.0), cfg)

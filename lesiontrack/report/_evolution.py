@@ -13,10 +13,12 @@ from dataclasses import dataclass
 import nibabel as nib
 import numpy as np
 import pandas as pd
+from matplotlib.collections import LineCollection
 from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
+from skimage.measure import find_contours
 
 from ..result import SubjectResult
 from ._util import STATUSES, ReportError, interval_text, report_config, visit_times
@@ -92,7 +94,9 @@ class _AxialView:
         return out[:, ::-1] if self.radiological else out
 
     def slice(self, vol: np.ndarray, k: int) -> np.ndarray:
-        return self.project(np.take(vol, k, axis=self.axis))
+        index = [slice(None)] * 3
+        index[self.axis] = k  # basic indexing: a view, whatever the memory order
+        return self.project(vol[tuple(index)])
 
 
 def status_maps(result: SubjectResult, index: int) -> np.ndarray:
@@ -146,6 +150,41 @@ def choose_slices(result: SubjectResult, n: int | None = None, cfg=None) -> list
     if not picks:
         picks = np.unique(np.round(np.linspace(lo, hi, n + 2)[1:-1]).astype(int)).tolist()
     return sorted(picks, key=lambda k: view.z_mm(k, result.grid.shape))
+
+
+def _outline(ax, codes: np.ndarray, rgba: list):
+    """Outline every status region of a status-coded slice: one LineCollection per panel.
+
+    Iso-lines at 0.5 of each status's indicator (one pass of marching squares per status
+    present, not per lesion), in display (x = column, y = row) coordinates.
+    """
+    segs, cols = [], []
+    for code in np.unique(codes[codes > 0]):
+        padded = np.pad(codes == code, 1).astype(np.float32)  # closes outlines at the border
+        for line in find_contours(padded, 0.5):
+            segs.append(line[:, ::-1] - 1.0)
+            cols.append(rgba[code])
+    if segs:
+        ax.add_collection(LineCollection(segs, colors=cols, linewidths=0.9, gid="status-outlines"),
+                          autolim=False)
+
+
+def _panel(ax, grey, shape, window, aspect, fill):
+    """One panel: the grey image (or 'not acquired') and an optional RGBA fill."""
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_facecolor("black")
+    for sp in ax.spines.values():
+        sp.set_visible(False)
+    if grey is None:
+        ax.imshow(np.zeros(shape, np.float32), cmap="gray", vmin=0, vmax=1, aspect=aspect)
+        ax.text(0.5, 0.5, "not\nacquired", color="0.7", ha="center", va="center", fontsize=7,
+                transform=ax.transAxes)
+    else:
+        ax.imshow(grey, cmap="gray", vmin=window[0], vmax=window[1], aspect=aspect,
+                  interpolation="nearest")
+    if fill is not None:
+        ax.imshow(fill, aspect=aspect, interpolation="nearest")
 
 
 def _rows(result: SubjectResult, cfg) -> list:
@@ -235,18 +274,26 @@ def evolution_figure(result: SubjectResult, slices=None, cfg=None) -> EvolutionF
         lo, hi = np.percentile(vals, cfg["window_percentiles"]) if vals.size else (0.0, 1.0)
         windows[m] = (float(lo), float(hi if hi > lo else lo + 1.0))
 
+    status_rgba = [to_rgba(cfg["status_colors"][s]) for s in STATUSES]
+    outline_rgba = [(0, 0, 0, 0)] + status_rgba + [to_rgba("white")]  # by status code
+    shown = {_MARKER_ROW[m] for m in contrasts if m in _MARKER_ROW}
+    handles = [Line2D([], [], color=status_rgba[i], lw=1.5, label=s) for i, s in enumerate(STATUSES[:4])]
+    handles += [Patch(color=cfg["marker_colors"][k], alpha=min(1.0, float(cfg["marker_alpha"]) + 0.2),
+                      label=_MARKER_LABEL[k]) for k in ("restricted", "blackhole", "enhancing") if k in shown]
+
     h_px, w_px = next(iter(brain2d.values())).shape
     panel_w = float(cfg["panel_inches"])
     panel_h = panel_w * (h_px * view.sy) / max(w_px * view.sx, 1e-6)
     n_rows = len(slices) * len(contrasts)
-    left, top, bottom = 0.85, 0.75, 0.45
-    fig_w = left + 0.1 + n_ses * panel_w
+    left, right, top = 0.85, 0.1, 0.75
+    fig_w = left + right + n_ses * panel_w
+    ncol = int(np.clip((fig_w - 0.2) // 1.7, 1, len(handles)))  # legend entries ~1.7 in wide
+    bottom = 0.2 + 0.17 * int(np.ceil(len(handles) / ncol))
     fig_h = top + bottom + n_rows * panel_h
     fig = Figure(figsize=(fig_w, fig_h))
     axes = fig.subplots(n_rows, n_ses, squeeze=False, gridspec_kw=dict(
-        left=left / fig_w, right=1 - 0.1 / fig_w, top=1 - top / fig_h, bottom=bottom / fig_h,
+        left=left / fig_w, right=1 - right / fig_w, top=1 - top / fig_h, bottom=bottom / fig_h,
         wspace=0.03, hspace=0.03))
-    status_rgba = [to_rgba(cfg["status_colors"][s]) for s in STATUSES]
     aspect = view.sy / view.sx
     for i, k in enumerate(slices):
         lab2d = [view.slice(lab, k)[box] for lab in result.labels]
@@ -255,33 +302,16 @@ def evolution_figure(result: SubjectResult, slices=None, cfg=None) -> EvolutionF
             marker = _MARKER_ROW.get(m)
             for c, sid in enumerate(result.session_ids):  # loop over visits
                 ax = axes[r, c]
-                ax.set_xticks([])
-                ax.set_yticks([])
-                ax.set_facecolor("black")
-                for sp in ax.spines.values():
-                    sp.set_visible(False)
                 img = result.images.get(sid, {}).get(m)
-                if img is None:
-                    ax.imshow(np.zeros((h_px, w_px)), cmap="gray", vmin=0, vmax=1, aspect=aspect)
-                    ax.text(0.5, 0.5, "not\nacquired", color="0.7", ha="center", va="center",
-                            fontsize=7, transform=ax.transAxes)
-                else:
-                    ax.imshow(view.slice(img.data, k)[box], cmap="gray", vmin=windows[m][0],
-                              vmax=windows[m][1], aspect=aspect, interpolation="nearest")
+                grey = None if img is None else view.slice(img.data, k)[box]
+                fill = None
                 if marker is not None:
                     mk = view.slice(getattr(result, marker)[c], k)[box]
                     if mk.any():
-                        rgba = np.zeros(mk.shape + (4,), np.float32)
-                        rgba[mk] = to_rgba(cfg["marker_colors"][marker], float(cfg["marker_alpha"]))
-                        ax.imshow(rgba, aspect=aspect, interpolation="nearest")
-                codes = luts[c][lab2d[c]]
-                for code in np.unique(codes[codes > 0]):  # one contour per status present
-                    if code <= len(STATUSES):
-                        ax.contour((codes == code).astype(np.float32), levels=[0.5],
-                                   colors=[status_rgba[code - 1]], linewidths=0.9)
-                    else:
-                        ax.contour((codes == code).astype(np.float32), levels=[0.5],
-                                   colors="white", linewidths=0.6)
+                        fill = np.zeros(mk.shape + (4,), np.float32)
+                        fill[mk] = to_rgba(cfg["marker_colors"][marker], float(cfg["marker_alpha"]))
+                _panel(ax, grey, (h_px, w_px), windows[m], aspect, fill)
+                _outline(ax, luts[c][lab2d[c]], outline_rgba)
                 if c == 0:
                     ax.set_ylabel(f"{m}\nz {view.z_mm(k, shape):+.0f} mm", fontsize=8)
     for c, title in enumerate(_column_titles(result)):
@@ -290,12 +320,6 @@ def evolution_figure(result: SubjectResult, slices=None, cfg=None) -> EvolutionF
     for x, t in zip((0.04, 0.96), side):
         axes[0, 0].text(x, 0.96, t, color="white", fontsize=7, ha="center", va="top",
                         transform=axes[0, 0].transAxes)
-    handles = [Line2D([], [], color=status_rgba[i], lw=1.5, label=s)
-               for i, s in enumerate(STATUSES[:4])]
-    shown = {_MARKER_ROW[m] for m in contrasts if m in _MARKER_ROW}
-    handles += [Patch(color=cfg["marker_colors"][k], alpha=float(cfg["marker_alpha"]) + 0.2,
-                      label=_MARKER_LABEL[k]) for k in ("restricted", "blackhole", "enhancing")
-                if k in shown]
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), fontsize=7,
-               frameon=False, bbox_to_anchor=(0.5, 0.0))
+    fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=7, frameon=False,
+               bbox_to_anchor=(0.5, 0.0))
     return EvolutionFigure(fig, axes, slices, contrasts, list(result.session_ids))

@@ -76,7 +76,8 @@ def cohort_figure(cohort: pd.DataFrame) -> Figure:
     if df["_sub"].nunique() <= 12:
         ax1.legend(fontsize=7, frameon=False)
     rate = summ["new_per_year"] if dated else summ["new_lesions"]
-    ax2.bar(np.arange(len(summ)), np.nan_to_num(rate.to_numpy(dtype=float)), color="#FF2020")
+    ax2.bar(np.arange(len(summ)), np.nan_to_num(rate.to_numpy(dtype=float)), width=0.6, color="#FF2020")
+    ax2.set_xlim(-0.5 - 0.5 * (len(summ) < 4), len(summ) - 0.5 + 0.5 * (len(summ) < 4))
     ax2.set_xticks(np.arange(len(summ)), [mpl_text(s) for s in summ["participant_id"]], rotation=60,
                    fontsize=7, ha="right")
     ax2.set_ylabel("new lesions per year" if dated else "new lesions")

@@ -88,7 +88,11 @@ def _settings(section) -> str:
 
 
 def methods_paragraphs(result) -> list:
-    """The methods text, generated from the run's configuration and software versions."""
+    """The methods text, generated from the run's configuration and software versions.
+
+    Returns a list of ``dict(text, settings)``: a sentence per processing step and the
+    step's settings as given in the configuration (``key = value; ...``).
+    """
     cfg, prov = result.config or {}, result.provenance or {}
     sids = list(result.session_ids)
     mods = sorted({m for s in sids for m in result.images.get(s, {})})
@@ -99,17 +103,18 @@ def methods_paragraphs(result) -> list:
              f"lesiontrack {version}")
     if prov.get("config_hash"):
         first += f" (pipeline configuration {prov['config_hash']})"
-    paras = [first + "."]
+    paras = [dict(text=first + ".", settings="")]
     for key, text in _STEPS:
         if key in cfg:
-            s = _settings(cfg[key])
-            paras.append(f"{text}{' (' + s + ')' if s else ''}.")
+            paras.append(dict(text=text, settings=_settings(cfg[key])))
     vers = prov.get("versions") or {}
     if vers:
-        paras.append("Software: " + ", ".join(f"{k} {v}" for k, v in vers.items()) + ".")
+        paras.append(dict(text="Software: " + ", ".join(f"{k} {v}" for k, v in vers.items()) + ".",
+                          settings=""))
     other = {k: v for k, v in prov.items()
              if k not in ("versions", "config_hash", "lesiontrack_version", "version", "subject")
              and v is not None and not isinstance(v, (dict, list))}
     if other:
-        paras.append("Run: " + "; ".join(f"{k} = {v}" for k, v in other.items()) + ".")
+        paras.append(dict(text="Run: " + "; ".join(f"{k} = {v}" for k, v in other.items()) + ".",
+                          settings=""))
     return paras

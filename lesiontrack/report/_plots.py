@@ -164,6 +164,8 @@ def swimmer_figure(result: SubjectResult, cfg=None) -> Figure:
     sids = list(result.session_ids)
     x = np.arange(len(sids), dtype=float)  # visits equally spaced, so close visits stay legible
     les = result.lesions
+    if not {"lesion_id", "session_id", "volume_mm3", "status"} <= set(les.columns):
+        les = pd.DataFrame(columns=["lesion_id", "session_id", "volume_mm3", "status"])
     les = les[les["session_id"].isin(sids)].copy()
     n_total = les["lesion_id"].nunique()
     fig_h = 1.6

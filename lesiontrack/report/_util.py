@@ -63,6 +63,40 @@ def mpl_text(text) -> str:
     return str(text).replace("$", r"\$")
 
 
+def _palette(rgb: np.ndarray, colors: int):
+    """A palette for ``rgb``: evenly spaced greys plus the image's own colours.
+
+    Figures are grey-level images with a few coloured outlines and marks; a plain
+    median-cut palette spends its entries on the greys and merges the rare colours
+    (amber outlines turn red), so the coloured pixels get their own entries.
+    """
+    from PIL import Image as PILImage
+
+    chroma = rgb.max(axis=-1).astype(np.int16) - rgb.min(axis=-1)
+    coloured = rgb[chroma > 24]
+    n_col = min(max(colors // 4, 8), colors - 16) if coloured.size else 0
+    entries = []
+    if n_col:
+        # the most frequent exact colours (line and legend cores) first, then a median cut
+        packed = coloured.astype(np.int64) @ np.array([1 << 16, 1 << 8, 1])
+        uniq, count = np.unique(packed, return_counts=True)
+        top = uniq[np.argsort(-count, kind="stable")[: n_col // 2]]
+        entries = [np.stack([(top >> 16) & 255, (top >> 8) & 255, top & 255], axis=1).astype(np.uint8)]
+        rest = coloured[~np.isin(packed, top)]
+        if rest.size:
+            sample = PILImage.fromarray(np.ascontiguousarray(rest[None, :, :]), "RGB")
+            k = n_col - len(top)
+            q = sample.quantize(colors=k, method=PILImage.Quantize.MEDIANCUT, dither=PILImage.Dither.NONE)
+            used = len(q.getcolors(k) or [])
+            entries.append(np.asarray(q.getpalette()[: 3 * max(used, 1)], dtype=np.uint8).reshape(-1, 3))
+        entries = list(np.concatenate(entries))
+    greys = np.linspace(0, 255, colors - len(entries)).round().astype(np.uint8)
+    pal = np.concatenate([np.repeat(greys[:, None], 3, axis=1)] + ([np.array(entries)] if entries else []))
+    img = PILImage.new("P", (1, 1))
+    img.putpalette(pal.ravel().tolist())
+    return img
+
+
 def png_bytes(fig: Figure, dpi: float, colors: int = 256) -> bytes:
     """Render ``fig`` to PNG bytes, palette-quantised to ``colors`` (0 = keep RGB)."""
     buf = io.BytesIO()
@@ -73,10 +107,11 @@ def png_bytes(fig: Figure, dpi: float, colors: int = 256) -> bytes:
 
     buf.seek(0)
     with PILImage.open(buf) as im:
-        pal = im.convert("RGB").quantize(colors=int(colors), method=PILImage.Quantize.MEDIANCUT,
-                                         dither=PILImage.Dither.NONE)
-        out = io.BytesIO()
-        pal.save(out, format="PNG", optimize=True)
+        rgb = im.convert("RGB")
+    arr = np.asarray(rgb)
+    pal = rgb.quantize(palette=_palette(arr, int(colors)), dither=PILImage.Dither.NONE)
+    out = io.BytesIO()
+    pal.save(out, format="PNG", optimize=True)
     return out.getvalue()
 
 

@@ -1,0 +1,69 @@
+"""Change detection on the real longitudinal patient (Lesjak et al. 2016, sub-p12).
+
+Both FLAIR visits are carried into the database's common space with its reference
+transforms, preprocessed and segmented by the package (FLAIR only: the T1w/T2w of this
+case have no reference transform to the common space), tracked, and the change map is
+compared with the ground-truth change mask (new/enlarging and shrinking/vanished
+lesion voxels in one label).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lesiontrack import metrics, sitk_bridge
+from lesiontrack.config import load_config
+from lesiontrack.image import load_image
+from lesiontrack.track import track_lesions
+
+REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
+SUB = REAL / "longitudinal_bids" / "sub-p12"
+TRUTH = REAL / "longitudinal_truth" / "sub-p12"
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def p12():
+    if not (SUB.is_dir() and (TRUTH / "gt.nii.gz").is_file()):
+        pytest.skip(f"real longitudinal data not found at {REAL} (not part of the repository)")
+    from lesiontrack import preprocess, segment
+
+    cfg = load_config()
+    ref = load_image(TRUTH / "brainmask.nii.gz", is_label=True)
+    grid = ref.with_data(ref.data.astype(np.float32), is_label=False)
+    gt = load_image(TRUTH / "gt.nii.gz", is_label=True).data > 0
+    flair = []
+    for s in (1, 2):                                   # loop over sessions
+        img = load_image(SUB / f"ses-{s}" / "anat" / f"sub-p12_ses-{s}_FLAIR.nii.gz")
+        xfm = sitk_bridge.read_transform(TRUTH / f"study{s}_FLAIR_to_common_space.txt")
+        flair.append(sitk_bridge.resample(img, grid, xfm).data.astype(np.float32))
+    priors = preprocess.prepare_subject({"FLAIR": grid.with_data((flair[0] + flair[1]) / 2)},
+                                        cfg["preprocess"])
+    norm, masks = [], []
+    for f in flair:
+        pre = preprocess.preprocess_session({"FLAIR": f}, priors, grid.spacing, cfg["preprocess"])
+        norm.append(pre["FLAIR"])
+        masks.append(segment.segment_session(pre, priors, grid.spacing, cfg["segment"]).lesion)
+    tr = track_lesions(masks, grid.spacing, cfg["track"], flair=norm, brain_mask=priors.brain_mask)
+    change = tr.change[1] > 0
+    det = metrics.lesion_detection(gt, change, spacing=grid.spacing)
+    cover = metrics.lesion_detection(gt, masks[0] | masks[1], spacing=grid.spacing)
+    res = {"sensitivity": det["recall"], "fp_components": det["fp"], "n_truth": det["n_truth"],
+           "dice": metrics.dice(gt, change), "truth_covered_by_masks": cover["recall"],
+           "intervals": tr.intervals.to_dict("records")}
+    print(res)
+    return res
+
+
+def test_real_change_false_positives(p12):
+    assert p12["fp_components"] <= 3
+
+
+def test_real_change_sensitivity(p12):
+    assert p12["sensitivity"] >= 0.8, (
+        f"lesion-wise sensitivity {p12['sensitivity']:.2f} (Dice {p12['dice']:.3f}); the two "
+        f"visits' lesion masks together cover {p12['truth_covered_by_masks']:.2f} of the "
+        "ground-truth change lesions")
