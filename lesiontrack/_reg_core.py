@@ -18,7 +18,6 @@ from skimage.filters import threshold_otsu
 from . import sitk_bridge
 from .image import Image, crop_image
 
-_F = np.diag([-1.0, -1.0, 1.0])
 
 
 class RegistrationError(ValueError):
@@ -158,7 +157,8 @@ def prepare(img: Image, cfg: dict, mask=None) -> Prepared:
     if mask is not None:
         m = mask.data if isinstance(mask, Image) else np.asarray(mask)
         if m.shape != img.shape[:3]:
-            raise RegistrationError(f"{img.source}: mask shape {m.shape} does not match image {img.shape[:3]}")
+            raise RegistrationError(f"{img.source}: mask shape {m.shape} does not match the "
+                                    f"image shape {img.shape[:3]}")
         f = np.round(np.asarray(coarse.spacing) / np.asarray(img.spacing)).astype(int)
         user = block_mean(img.with_data(m.astype(np.float32)), f).data > 0.5 if np.any(f > 1) else m > 0
     core, m = foreground_mask(coarse, float(cfg["mask_margin_mm"]), user)

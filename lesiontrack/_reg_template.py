@@ -12,7 +12,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import sitk_bridge
-from ._reg_core import Prepared, RegistrationError, mean_rigid, mean_rotation
+from ._reg_core import RegistrationError, mean_rigid, mean_rotation
 
 _F = np.diag([-1.0, -1.0, 1.0])
 

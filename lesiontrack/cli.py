@@ -166,6 +166,7 @@ def main(argv=None) -> int:
     from .bids import BIDSError
     from .config import ConfigError, load_config
     from .image import ImageError
+    from .report import ReportError
 
     try:
         if args.command == "phantom":
@@ -209,7 +210,7 @@ def main(argv=None) -> int:
 
                 write_json(args.json, scores)
             return 0
-    except (BIDSError, ImageError, ConfigError, OSError) as exc:
+    except (BIDSError, ImageError, ConfigError, ReportError, OSError) as exc:
         print(f"lesiontrack: error: {exc}", file=sys.stderr)
         return 2
     parser.error(f"unknown command {args.command}")

@@ -145,7 +145,14 @@ _SESSIONS_JSON = {
 }
 
 
-def _world_images(anat, des: Design, vt, t):
+def _lesion_free(anat) -> dict:
+    """Noiseless lesion-free world images of every contrast (rendered once per subject)."""
+    base = {con: render(anat, con) for con in ("FLAIR", "T2w", "b0", "T1w", "ceT1w")}
+    base["b1000"] = render(anat, "b0", bvalue=BVALUE)
+    return base
+
+
+def _world_images(anat, base, des: Design, vt, t):
     """Noiseless world images of every contrast at visit ``t`` (dict of float32 arrays)."""
     les = vt.ids > 0
     d = vt.design[les] - 1
@@ -154,21 +161,21 @@ def _world_images(anat, des: Design, vt, t):
     core = 1.0 - 0.35 * ratio ** 2                       # brighter lesion centre
     out = {}
     for con in ("FLAIR", "T2w", "b0"):
-        img = render(anat, con)
+        img = base[con].copy()
         img[les] = (1.0 + (des.factors[con][d] - 1.0) * core) * tex
         out[con] = img
-    t1 = render(anat, "T1w")
+    t1 = base["T1w"].copy()
     t1_les = des.factors["T1w"][d].astype(np.float32)
     bh = vt.blackhole[les]
     bh_frac = np.where(bh, ratio / np.maximum(des.blackhole[d, t], 1e-3), 1.0)
     t1_les = np.where(bh, LESION["blackhole_T1w"] + 0.15 * bh_frac, t1_les)
     t1[les] = t1_les * tex
     out["T1w"] = t1
-    ce = render(anat, "ceT1w")
+    ce = base["ceT1w"].copy()
     ce_les = np.where(vt.enhancing[les], des.factors["ceT1w"][d], t1_les)
     ce[les] = ce_les * tex
     out["ceT1w"] = ce
-    b1000 = render(anat, "b0", bvalue=BVALUE)
+    b1000 = base["b1000"].copy()
     adc = np.where(vt.restricted[les], LESION["adc_restricted"],
                    np.where(des.acute[d, t], LESION["adc_acute"], LESION["adc_chronic"]))
     b1000[les] = out["b0"][les] * np.exp(-BVALUE * adc)
@@ -187,7 +194,8 @@ def _make_subject(bids, truth, label, s, seed, resolution, skull, progress):
     write_json(sdir / f"{sub}_sessions.json", _SESSIONS_JSON)
 
     aff = anat.affine
-    ref = render(anat, "T1w")
+    base = _lesion_free(anat)
+    ref = base["T1w"]
     head = ref > 0.02
     idx = np.argwhere(head)
     box_vox = np.array([idx.min(0), idx.max(0)], float)
@@ -203,7 +211,7 @@ def _make_subject(bids, truth, label, s, seed, resolution, skull, progress):
     rng_noise = _rng(seed, s, 5)
     for t, vt in enumerate(visits):                     # loop over sessions
         ses = f"ses-{t + 1:02d}"
-        world = _world_images(anat, des, vt, t)
+        world = _world_images(anat, base, des, vt, t)
         stem = f"{sub}_{ses}"
         tses = tdir / ses
         lab_dtype = np.uint8 if vt.ids.max() <= 255 else np.int16
@@ -269,8 +277,6 @@ _TABLE_JSON = {
 
 def _truth_table(visits, events, des, session_ids, aff, vv) -> pd.DataFrame:
     """One row per lesion per session from first appearance up to and including resolution."""
-    from scipy import ndimage
-
     n_id = max(int(v.ids.max()) for v in visits) + 1
     T = len(visits)
     vol = np.zeros((n_id, T))
@@ -281,11 +287,15 @@ def _truth_table(visits, events, des, session_ids, aff, vv) -> pd.DataFrame:
         vol[:, t] = np.bincount(lab, minlength=n_id) * vv
         for k in meas:
             meas[k][:, t] = np.bincount(lab, weights=getattr(v, k).ravel(), minlength=n_id) * vv
-        present = np.flatnonzero(vol[:, t] > 0)
-        present = present[present > 0]
-        if len(present):
-            com = np.array(ndimage.center_of_mass(np.ones_like(v.ids), v.ids, present))
-            cen[present, t] = com @ aff[:3, :3].T + aff[:3, 3]
+        flat = np.flatnonzero(lab)
+        if len(flat):
+            ijk = np.stack(np.unravel_index(flat, v.ids.shape), axis=1).astype(np.float64)
+            xyz = ijk @ aff[:3, :3].T + aff[:3, 3]
+            n = np.bincount(lab[flat], minlength=n_id)
+            present = n > 0
+            for a in range(3):
+                cen[present, t, a] = (np.bincount(lab[flat], weights=xyz[:, a], minlength=n_id)
+                                      [present] / n[present])
     prev = np.c_[np.zeros(n_id), vol[:, :-1]]
     # a split-off part compares with its parent's previous volume
     parent_prev = prev.copy()

@@ -236,7 +236,7 @@ def run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None, prog
     _step(progress, "write", 7, n_steps)
     t0 = time.perf_counter()
     outputs = _write_outputs(output_dir, subject, kept, native, grid, al, pre, masks, tr,
-                             lesions_df, sessions_stats, qc_df)
+                             lesions_df, sessions_stats, qc_df, priors.brain_mask)
     timing["write_s"] = time.perf_counter() - t0
 
     images = {sid: {mod: grid.with_data(arr) for mod, arr in pre[sid].items()} for sid in sids}
@@ -280,7 +280,7 @@ def _ref(images: dict) -> str:
 
 
 def _write_outputs(output_dir, subject, sessions, native, grid, al, pre, masks, tr,
-                   lesions_df, sessions_stats, qc_df) -> list[str]:
+                   lesions_df, sessions_stats, qc_df, brain_mask) -> list[str]:
     from . import quantify
 
     out = Path(output_dir)
@@ -328,6 +328,8 @@ def _write_outputs(output_dir, subject, sessions, native, grid, al, pre, masks, 
                  bids.deriv_path(out, subject, ses, "anat", desc="change", suffix="dseg"))
 
     sdir = out / f"sub-{subject}"
+    save(grid.with_data(brain_mask.astype(np.uint8), is_label=True),
+         sdir / "anat" / f"sub-{subject}_space-individual_desc-brain_mask.nii.gz")
     tables = (
         (sdir / f"sub-{subject}_desc-lesions_stats.tsv", lesions_df, quantify.LESION_COLUMNS),
         (sdir / f"sub-{subject}_desc-sessions_stats.tsv", sessions_stats, quantify.SESSION_COLUMNS),

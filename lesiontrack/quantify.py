@@ -3,9 +3,10 @@
 :func:`lesion_table` gives ``sub-<s>_desc-lesions_stats.tsv`` and :func:`session_table`
 ``sub-<s>_desc-sessions_stats.tsv``; :data:`LESION_COLUMNS` and :data:`SESSION_COLUMNS`
 describe every column for the JSON sidecars (``location`` only appears with priors;
-the clinical columns of ``sessions.tsv`` keep the descriptions of its own sidecar). Everything is computed once per session
-over all lesion labels at a time (``np.bincount`` / ``scipy.ndimage`` with an index
-array); a measure whose contrast is missing at a session is NaN there, not zero.
+the clinical columns of ``sessions.tsv`` keep the descriptions of its own sidecar).
+Everything is computed once per session over all lesion labels at a time
+(``np.bincount`` / ``scipy.ndimage`` with an index array); a measure whose contrast is
+missing at a session is NaN there, not zero.
 """
 from __future__ import annotations
 
@@ -141,8 +142,10 @@ def lesion_table(tracking, masks, session_ids, grid: Image, priors=None) -> pd.D
         present = counts[ids] > 0
         xyz = np.full((ids.size, 3), np.nan)
         if present.any():
-            com = np.atleast_2d(np.asarray(ndi.center_of_mass(lab > 0, lab, ids[present]), float))
-            xyz[present] = grid.world_coords(com)
+            nz = np.nonzero(lab)                      # lesion voxels only: sparse and fast
+            lv = lab[nz]
+            com = np.stack([np.bincount(lv, weights=ax, minlength=nmax + 1) for ax in nz], axis=1)
+            xyz[present] = grid.world_coords(com[ids[present]] / counts[ids[present], None])
         df["centroid_x"], df["centroid_y"], df["centroid_z"] = xyz[:, 0], xyz[:, 1], xyz[:, 2]
         df["merged_into"] = ev["merged_into"].to_numpy()
         df["split_from"] = ev["split_from"].to_numpy()

@@ -35,9 +35,9 @@ REFERENCE_ORDER = ("FLAIR", "T2w")
 
 _REQUIRED = ("threads", "voxel_size", "min_voxel_size", "grid_extent", "grid_margin_mm",
              "template_iterations", "levels_mm", "samples", "iterations", "step_mm",
-             "min_step_mm", "relaxation", "histogram_bins", "mask_level_mm", "mask_margin_mm", "nonuniformity_sigma_mm",
-             "moments_min_shift_mm", "seed", "qc_min_similarity", "qc_peak_shift_mm", "qc_min_peak_ratio", "qc_outlier_mad",
-             "qc_outlier_min_drop", "qc_max_rotation_deg", "qc_max_translation_mm",
+             "min_step_mm", "relaxation", "histogram_bins", "mask_level_mm", "mask_margin_mm",
+             "nonuniformity_sigma_mm", "moments_min_shift_mm", "seed", "qc_min_similarity",
+             "qc_peak_shift_mm", "qc_min_peak_ratio", "qc_outlier_mad", "qc_outlier_min_drop", "qc_max_rotation_deg", "qc_max_translation_mm",
              "qc_max_rotation_deg_longitudinal", "qc_max_translation_mm_longitudinal")
 
 
@@ -162,7 +162,8 @@ def _flag_outliers(qc: list, cfg: dict) -> list:
         med = float(np.median(sims))
         mad = 1.4826 * float(np.median(np.abs(sims - med)))
         for i, s in zip(idx, sims):
-            if s < med - float(cfg["qc_outlier_mad"]) * mad and s < med * (1 - float(cfg["qc_outlier_min_drop"])):
+            low = s < med - float(cfg["qc_outlier_mad"]) * mad
+            if low and s < med * (1 - float(cfg["qc_outlier_min_drop"])):
                 why = f"similarity {s:.3f} far below the subject's typical {med:.3f}"
                 q = out[i]
                 out[i] = replace(q, flagged=True, reason="; ".join(r for r in (q.reason, why) if r))
@@ -238,8 +239,9 @@ def align_subject(images: dict, cfg: dict, progress=None) -> SubjectAlignment:
                 raise RegistrationError(f"session {sid}, {mod}: expected a 3D Image, got "
                                         f"{getattr(img, 'shape', type(img).__name__)}")
     sids = list(images)
-    n_steps = sum(len(m) - 1 for m in images.values()) + (len(sids) - 1) * (
-        1 + int(cfg["template_iterations"]))
+    n_steps = sum(len(m) - 1 for m in images.values())
+    if len(sids) > 1:
+        n_steps += len(sids) - 1 + len(sids) * int(cfg["template_iterations"])
     step = [0]
 
     def tick(name):
@@ -251,9 +253,8 @@ def align_subject(images: dict, cfg: dict, progress=None) -> SubjectAlignment:
     long_lim = (float(cfg["qc_max_rotation_deg_longitudinal"]),
                 float(cfg["qc_max_translation_mm_longitudinal"]))
     with sitk_threads(cfg["threads"]):
-        preps = {sid: {m: prepare(img, cfg) for m, img in mods.items()} for sid, mods in images.items()}
         refs = {sid: images[sid][refs_mod[sid]] for sid in sids}
-        rprep = {sid: preps[sid][refs_mod[sid]] for sid in sids}
+        rprep = {sid: prepare(refs[sid], cfg) for sid in sids}
 
         # within each visit: every contrast onto the visit reference
         intra, qc = {}, []
@@ -264,10 +265,10 @@ def align_subject(images: dict, cfg: dict, progress=None) -> SubjectAlignment:
                 if mod == ref:
                     continue
                 tick(f"{sid} {mod} -> {ref}")
-                fit = fit_rigid(rprep[sid], preps[sid][mod], cfg, None)
+                moving = prepare(images[sid][mod], cfg)  # kept only while in use (memory)
+                fit = fit_rigid(rprep[sid], moving, cfg, None)
                 intra[sid][mod] = fit.transform
-                qc.append(_qc(rprep[sid], preps[sid][mod], fit, cfg, (sid, mod, f"{sid}/{ref}"),
-                              intra_lim))
+                qc.append(_qc(rprep[sid], moving, fit, cfg, (sid, mod, f"{sid}/{ref}"), intra_lim))
 
         # across visits: pairwise start, then rigid template iterations
         s0 = sids[0]
@@ -298,7 +299,7 @@ def align_subject(images: dict, cfg: dict, progress=None) -> SubjectAlignment:
         gref = sitk_bridge.to_sitk(Image(np.zeros(shape, np.uint8), aff))
         grid = Image(mean_image(refs, rprep, mats, gref), aff, source="individual")
         if len(sids) > 1:
-            gprep = prepare(grid, cfg)
+            gprep = tprep if tprep is not None else prepare(grid, cfg)
             for sid in sids:
                 fit = fits.get(sid)
                 t = sitk_bridge.matrix_to_transform(mats[sid])

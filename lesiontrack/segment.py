@@ -127,17 +127,22 @@ class _Tissue:
         return np.where(self.gm_possible, zg, zw)
 
 
-def lesion_score(images: dict, brain, tissue: _Tissue) -> np.ndarray:
+def lesion_score(images: dict, brain, tissue: _Tissue, use_t1: bool = False) -> np.ndarray:
     """Combined FLAIR/T2w hyperintensity z (geometric mean of the clipped z-scores)."""
     zs = [np.maximum(tissue.z_hyper(m, images[m]), 0, out=None) for m in ("FLAIR", "T2w") if m in images]
     if not zs:
         raise SegmentError("lesion segmentation needs FLAIR or T2w; neither is present "
                            "(give an external lesion mask instead)")
-    if len(zs) == 1:
-        score = zs[0]
-    else:
-        score = np.multiply(zs[0], zs[1], out=zs[0])
-        np.sqrt(score, out=score)
+    if use_t1 and "T1w" in images:
+        p = tissue.peak("T1w", images["T1w"], "wm")
+        z1 = np.float32(p.mode) - images["T1w"]
+        z1 *= np.float32(1.0 / p.sigma_high)
+        zs.append(np.maximum(z1, 0, out=z1))
+    score = zs[0]
+    for z in zs[1:]:
+        np.multiply(score, z, out=score)
+    if len(zs) > 1:
+        np.power(score, np.float32(1.0 / len(zs)), out=score)
     score[~brain] = 0
     return score
 
@@ -152,7 +157,7 @@ def _neighbour_offsets(shape, connectivity):
 
 
 def _segment_lesions(images, brain, location, tissue, spacing, cfg) -> np.ndarray:
-    score = lesion_score(images, brain, tissue)
+    score = lesion_score(images, brain, tissue, bool(cfg["use_t1"]))
     conn = int(cfg["connectivity"])
     # hysteresis: components of {score > grow_z} that contain a seed (score > seed_z)
     lab, n = ndi.label(score > float(cfg["grow_z"]), structure=ndi.generate_binary_structure(3, conn))

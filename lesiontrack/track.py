@@ -11,11 +11,11 @@ each lesion through time:
   surviving ID in later ``labels`` maps; the footprint of a resolved lesion is
   remembered, and a lesion reappearing there gets its old ID back;
 * **status** — new / enlarging / stable / shrinking / resolved by the rules of
-  :mod:`lesiontrack._track_status` (volume rule with a minimum detectable change, and
-  FLAIR evidence when the images are given), documented in ``docs/tracking.md``;
+  :mod:`lesiontrack._track_status` (a minimum detectable change, and FLAIR subtraction
+  evidence when the images are given), documented in ``docs/tracking.md``;
 * **change maps** — 1 where a new or enlarging lesion gained voxels, 2 where a
-  shrinking or (image-confirmed) resolved lesion lost voxels; boundary changes of
-  lesions judged stable are noise and are not drawn.
+  shrinking or resolved lesion lost voxels, in connected components that are a
+  detectable change themselves; boundary changes of stable lesions are not drawn.
 """
 from __future__ import annotations
 
@@ -164,6 +164,9 @@ def track_lesions(lesion_masks, spacing, cfg: dict, flair=None, brain_mask=None)
     """
     c = _check_cfg(cfg)
     masks, spacing = _check_inputs(lesion_masks, spacing, flair, brain_mask)
+    full_shape = masks[0].shape
+    box = _bbox(masks)                          # all lesion work happens in this box
+    masks = [m[box] for m in masks]
     vv = float(np.prod(spacing))
     brain = None if brain_mask is None else np.asarray(brain_mask) > 0
     base_status = NEW if c["baseline_status"] == "new" else STABLE
@@ -185,8 +188,10 @@ def track_lesions(lesion_masks, spacing, cfg: dict, flair=None, brain_mask=None)
         lab, n = label_components(masks[t], c["connectivity"])
         ev = None
         if flair is not None and flair[t] is not None and flair[t - 1] is not None:
-            ev = DifferenceEvidence(flair[t - 1], flair[t], brain, state.mask | masks[t],
-                                    spacing, c["background_mm"])
+            lesions = np.zeros(full_shape, bool)
+            lesions[box] = state.mask | masks[t]
+            ev = DifferenceEvidence(flair[t - 1], flair[t], brain, lesions, spacing,
+                                    c["background_mm"], crop=box)
         out = _step(t, state, lab, n, masks[t], ev, memory, first_seen, next_id, c, vv,
                     merged_status)
         first_seen = np.concatenate([first_seen, np.full(out["next_id"] - next_id, t, np.int64)])
@@ -210,7 +215,30 @@ def track_lesions(lesion_masks, spacing, cfg: dict, flair=None, brain_mask=None)
     iv = pd.DataFrame(intervals, columns=["session_index", "new", "enlarging", "stable",
                                           "shrinking", "resolved", "merged", "split",
                                           "gained_mm3", "lost_mm3", "noise_sd", "neda_t2"])
-    return Tracking(labels, change, ev_df[EVENT_COLUMNS], iv)
+    return Tracking([_paste(a, box, full_shape) for a in labels],
+                    [None if a is None else _paste(a, box, full_shape) for a in change],
+                    ev_df[EVENT_COLUMNS], iv)
+
+
+def _bbox(masks, margin: int = 2):
+    """Slices of the box holding every session's lesions (plus a margin)."""
+    union = np.zeros(masks[0].shape, bool)
+    for m in masks:                                  # loop over sessions
+        union |= m
+    if not union.any():
+        return (slice(0, 1),) * 3
+    box = []
+    for ax in range(3):                              # loop over the three axes
+        hit = np.flatnonzero(union.any(axis=tuple(a for a in range(3) if a != ax)))
+        box.append(slice(max(int(hit[0]) - margin, 0),
+                         min(int(hit[-1]) + margin + 1, union.shape[ax])))
+    return tuple(box)
+
+
+def _paste(a: np.ndarray, box, shape) -> np.ndarray:
+    out = np.zeros(shape, a.dtype)
+    out[box] = a
+    return out
 
 
 def _step(t, prev: _State, lab, n, mask, ev, memory, first_seen, next_id, c, vv,
@@ -228,19 +256,10 @@ def _step(t, prev: _State, lab, n, mask, ev, memory, first_seen, next_id, c, vv,
     next_id += child.size
 
     cand = np.flatnonzero((m.parent == 0) & (np.arange(n + 1) > 0))
+    is_cand = np.zeros(n + 1, bool)
+    is_cand[cand] = True
     if memory is not None and cand.size:
-        is_cand = np.zeros(n + 1, bool)
-        is_cand[cand] = True
-        sel = is_cand[lab] & (memory > 0)
-        if sel.any():
-            key = lab[sel].astype(np.int64) * (int(memory.max()) + 1) + memory[sel]
-            uk, w = np.unique(key, return_counts=True)
-            eb, mid = uk // (int(memory.max()) + 1), uk % (int(memory.max()) + 1)
-            best = _first_per_group(eb, -w, mid)              # best remembered ID per candidate
-            eb, mid, w = eb[best], mid[best], w[best]
-            uniq = _first_per_group(mid, -w, eb)              # one candidate per remembered ID
-            ids[eb[uniq]] = mid[uniq]
-            memory[np.isin(memory, mid[uniq])] = 0
+        _reuse_ids(ids, lab, is_cand, memory)
     fresh = cand[ids[cand] == 0]
     ids[fresh] = np.arange(next_id, next_id + fresh.size)
     next_id += fresh.size
@@ -257,8 +276,6 @@ def _step(t, prev: _State, lab, n, mask, ev, memory, first_seen, next_id, c, vv,
 
     vanished = (m.dest == 0)
     vanished[0] = False
-    is_cand = np.zeros(n + 1, bool)
-    is_cand[cand] = True
     new_ok = vol1 >= c["min_change_mm3"]
     if ev is not None:                         # a new lesion must be new in the images
         new_ok &= ev.zscore(np.where(is_cand[lab], lab, 0), n) >= c["min_intensity_z"]
@@ -306,6 +323,22 @@ def _step(t, prev: _State, lab, n, mask, ev, memory, first_seen, next_id, c, vv,
     return {"ids": ids, "next_id": next_id, "change": chg, "events": df,
             "status_all": np.concatenate([status[1:], np.full(gone.size, RESOLVED)]).astype(np.int64),
             "n_merged": int(merged.size), "n_split": int(child.size)}
+
+
+def _reuse_ids(ids, lab, is_cand, memory) -> None:
+    """Give candidate new lesions the ID of the resolved lesion whose footprint they
+    overlap most (one candidate per remembered ID); updates ``ids`` and ``memory``."""
+    sel = is_cand[lab] & (memory > 0)
+    if not sel.any():
+        return
+    base = int(memory.max()) + 1
+    uk, w = np.unique(lab[sel].astype(np.int64) * base + memory[sel], return_counts=True)
+    comp, mid = uk // base, uk % base
+    best = _first_per_group(comp, -w, mid)                 # best remembered ID per candidate
+    comp, mid, w = comp[best], mid[best], w[best]
+    uniq = _first_per_group(mid, -w, comp)                 # one candidate per remembered ID
+    ids[comp[uniq]] = mid[uniq]
+    memory[np.isin(memory, mid[uniq])] = 0
 
 
 def _confirmed(cand: np.ndarray, sign: int, ev, c: dict, vv: float) -> np.ndarray:

@@ -1,7 +1,6 @@
 """Tests of the evolution report: figures, HTML, escaping, rebuilding from derivatives."""
 from __future__ import annotations
 
-import io
 import re
 from pathlib import Path
 
@@ -50,7 +49,7 @@ def test_choose_slices_picks_the_slice_of_largest_change(result, cfg):
     lesional = np.count_nonzero(np.any(np.stack(result.labels) > 0, axis=0), axis=(0, 1))
     score = changed + cfg["lesion_weight"] * lesional
     assert int(np.argmax(score)) in picks
-    assert all(score[k] > 0 for k in picks)
+    assert all(score[k] >= cfg["min_score_fraction"] * score.max() for k in picks)
     assert len(set(picks)) == len(picks)
 
 
@@ -173,6 +172,17 @@ def test_trajectory_figure_without_dates_or_clinical_columns(cfg):
     fig = trajectory_figure(r, cfg)
     assert "EDSS" not in [ax.get_ylabel() for ax in fig.axes]
     assert [t.get_text() for t in fig.axes[-1].get_xticklabels()] == r.session_ids
+
+
+def test_unmeasured_activity_is_not_drawn_as_zero(cfg):
+    r = make_result(n_sessions=3)
+    r.sessions = r.sessions.assign(restricted_volume_mm3=np.nan, enhancing_count=[np.nan, 0, 0])
+    ax = trajectory_figure(r, cfg).axes[2]  # axes: volume, count, activity, then the EDSS twin
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "restricted diffusion: not measured" in labels and "black holes" in labels
+    enh = next(ln for ln in ax.lines if ln.get_label() == "enhancing").get_ydata()
+    assert np.isnan(enh[0]) and np.all(np.isfinite(enh[1:]))
+    assert ax.get_ylabel() == "volume (mm\u00b3)"  # small volumes in mm3
 
 
 def test_swimmer_one_row_per_lesion(result, cfg):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 from hypothesis import given, settings, HealthCheck
 from hypothesis import strategies as st
@@ -166,6 +165,19 @@ def test_enlarging_with_flair_needs_confirmed_growth(cfg):
     assert status_of(tr2, id_at(tr2, 1, b), 1).status == "enlarging"
 
 
+def test_flair_missing_at_one_session(cfg):
+    """Intervals touching a session without FLAIR fall back to the mask rules."""
+    rng = np.random.default_rng(2)
+    f = [(1.0 + 0.05 * rng.standard_normal(SHAPE)).astype(np.float32) for _ in range(3)]
+    a, b = (10, 10, 10), (25, 25, 25)
+    m = [ball(a, 3), union(ball(a, 3), ball(b, 3)), union(ball(a, 3), ball(b, 3))]
+    tr = track_lesions(m, (1, 1, 1), cfg, flair=[f[0], None, f[2]], brain_mask=np.ones(SHAPE, bool))
+    assert status_of(tr, id_at(tr, 1, b), 1).status == "new"        # no images: masks decide
+    assert np.isnan(tr.intervals.noise_sd.iloc[0]) and np.isnan(tr.intervals.noise_sd.iloc[1])
+    tr2 = track_lesions(m, (1, 1, 1), cfg, flair=f, brain_mask=np.ones(SHAPE, bool))
+    assert status_of(tr2, id_at(tr2, 1, b), 1).status == "stable"   # images show nothing new
+
+
 def test_anisotropic_spacing_volumes(cfg):
     m = ball((18, 18, 18), 3)
     tr = track_lesions([m], (0.5, 0.5, 2.0), cfg)
@@ -241,3 +253,26 @@ def test_identical_visits_all_stable(b, n):
     assert all(np.array_equal(tr.labels[0], lab) for lab in tr.labels)
     assert tr.intervals.neda_t2.all()
     assert later.merged_into.isna().all() and later.split_from.isna().all()
+
+
+@PROPS
+@given(st.lists(blobs, min_size=1, max_size=4))
+def test_events_consistent_with_maps(seq):
+    """Invariants of any tracking: one row per lesion and session, volumes, change maps."""
+    cfg = dict(load_config()["track"])
+    masks = [union(*[ball(c, r) for c, r in b]) for b in seq]
+    tr = track_lesions(masks, (1, 1, 1), cfg)
+    ev = tr.events
+    assert not ev.duplicated(["lesion_id", "session_index"]).any()
+    for t, lab in enumerate(tr.labels):
+        assert np.array_equal(lab > 0, masks[t])
+        ids, counts = np.unique(lab[lab > 0], return_counts=True)
+        rows = ev[ev.session_index == t].set_index("lesion_id")
+        assert set(ids) <= set(rows.index)
+        assert np.allclose(rows.loc[ids, "volume_mm3"].to_numpy(), counts)
+        gone = rows[~rows.index.isin(ids)]
+        assert (gone.volume_mm3 == 0).all() and (gone.status == "resolved").all()
+        if t:
+            ch = tr.change[t]
+            assert not (ch == 1)[~(masks[t] & ~masks[t - 1])].any()
+            assert not (ch == 2)[~(masks[t - 1] & ~masks[t])].any()

@@ -120,8 +120,9 @@ def choose_slices(result: SubjectResult, n: int | None = None, cfg=None) -> list
 
     Score per slice: voxels that changed (``change != 0``, all intervals) plus
     ``lesion_weight`` x voxels lesional at any visit; picks are greedy maxima kept
-    ``min_slice_gap_fraction`` of the brain's height apart. Without any lesion,
-    slices evenly spaced through the brain.
+    ``min_slice_gap_fraction`` of the brain's height apart, and scoring at least
+    ``min_score_fraction`` of the best slice (so fewer than ``n`` slices when the
+    change is concentrated). Without any lesion, slices evenly spaced through the brain.
     """
     cfg = report_config(cfg)
     n = int(cfg["n_slices"] if n is None else n)
@@ -141,9 +142,10 @@ def choose_slices(result: SubjectResult, n: int | None = None, cfg=None) -> list
     score[:lo] = -np.inf
     score[hi + 1:] = -np.inf
     picks = []
+    floor = float(cfg["min_score_fraction"]) * float(np.max(score)) if np.isfinite(score).any() else 0.0
     for _ in range(n):  # n greedy picks, non-maximum suppression
         k = int(np.argmax(score))
-        if not score[k] > 0:
+        if not (score[k] > 0 and score[k] >= floor):
             break
         picks.append(k)
         score[max(0, k - gap + 1): k + gap] = -np.inf

@@ -91,7 +91,7 @@ def trajectory_figure(result: SubjectResult, cfg=None) -> Figure:
         vol = np.array([np.count_nonzero(lab) * vv for lab in result.labels])
     axes[0].plot(x, vol / 1000.0, "o-", color="black", label="lesion volume")
     axes[0].set_ylabel("lesion volume (mL)")
-    axes[0].set_ylim(bottom=0)
+    axes[0].set_ylim(0, max(float(np.nanmax(vol)) / 1000.0 * 1.15, 0.1) if np.isfinite(vol).any() else 1.0)
     edss = clinical_column(s, "edss")
     handles = [Line2D([], [], color="black", marker="o", label="lesion volume")]
     if edss is not None:
@@ -105,7 +105,7 @@ def trajectory_figure(result: SubjectResult, cfg=None) -> Figure:
             ax2.set_ylim(0, 10)
             ax2.set_ylabel("EDSS", color="#7B3294")
             handles.append(Line2D([], [], color="#7B3294", marker="D", label="EDSS"))
-    axes[0].legend(handles=handles, loc="upper left", fontsize=7, frameon=False)
+    axes[0].legend(handles=handles, loc="best", fontsize=7, frameon=False)
 
     cnt = _series(s, sids, "lesion_count")
     if cnt is None:
@@ -119,21 +119,31 @@ def trajectory_figure(result: SubjectResult, cfg=None) -> Figure:
                         label=f"{key} since previous visit")
     axes[1].set_ylabel("lesions")
     axes[1].set_ylim(bottom=0)
-    axes[1].legend(loc="upper left", fontsize=7, frameon=False)
+    axes[1].legend(loc="best", fontsize=7, frameon=False)
 
-    enh = np.array([np.count_nonzero(m) * vv for m in result.enhancing], dtype=float)
     mc = cfg["marker_colors"]
-    for col, key, label, fallback in (
-            ("restricted_volume_mm3", "restricted", "restricted diffusion", result.restricted),
-            ("blackhole_volume_mm3", "blackhole", "black holes", result.blackhole),
-            (None, "enhancing", "enhancing", None)):
-        v = enh if key == "enhancing" else _series(s, sids, col)
-        if v is None and fallback is not None:
-            v = np.array([np.count_nonzero(m) * vv for m in fallback], dtype=float)
-        axes[2].plot(x, v / 1000.0, "o-", color=mc[key], mec="black", mew=0.5, label=label)
-    axes[2].set_ylabel("volume (mL)")
+    curves = {}
+    for col, key, masks in (("restricted_volume_mm3", "restricted", result.restricted),
+                            ("blackhole_volume_mm3", "blackhole", result.blackhole),
+                            ("enhancing_count", "enhancing", result.enhancing)):
+        v = np.array([np.count_nonzero(m) * vv for m in masks], dtype=float)
+        if col in s.columns:  # n/a in the sessions table: not measured at that visit
+            t = pd.to_numeric(s.set_index("session_id")[col], errors="coerce")
+            t = t[~t.index.duplicated()].reindex(sids).to_numpy(dtype=float)
+            v = np.where(np.isfinite(t), t if col.endswith("mm3") else v, np.nan)
+        curves[key] = v
+    peak = max([float(np.nanmax(v)) for v in curves.values() if np.isfinite(v).any()] or [0.0])
+    scale, unit = (1000.0, "mL") if peak >= 1000 else (1.0, "mm\u00b3")
+    for key, label in (("restricted", "restricted diffusion"), ("blackhole", "black holes"),
+                       ("enhancing", "enhancing")):
+        v = curves[key]
+        if np.isfinite(v).any():
+            axes[2].plot(x, v / scale, "o-", color=mc[key], mec="black", mew=0.5, label=label)
+        else:
+            axes[2].plot([], [], "o", color=mc[key], mec="black", mew=0.5, label=f"{label}: not measured")
+    axes[2].set_ylabel(f"volume ({unit})")
     axes[2].set_ylim(bottom=0)
-    axes[2].legend(loc="upper left", fontsize=7, frameon=False)
+    axes[2].legend(loc="best", fontsize=7, frameon=False)
 
     notes = []
     for n, (i, text) in enumerate(_events(s, sids), start=1):
