@@ -66,11 +66,10 @@ def main(argv=None) -> int:
         tmp = tempfile.TemporaryDirectory(prefix="lesiontrack-bench-")
         args.workdir = Path(tmp.name)
     bids_dir = _phantom(args.workdir, args.subjects, args.seed)
-    cfg = load_config()
     results = {1: [], 2: []}
     for i in range(args.repeat):
         for n in (1, 2):
-            r = run_once(bids_dir, args.workdir / f"out-{n}", n, cfg)
+            r = run_once(bids_dir, args.workdir / f"out-{n}", n, load_config())
             results[n].append(r)
             peaks = ", ".join(f"{v / 1024:.2f} GB" for v in r["peaks_mb"].values())
             print(f"repeat {i + 1}, {n} worker(s): {r['wall_s']:.1f} s = "

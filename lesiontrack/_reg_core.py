@@ -19,7 +19,6 @@ from . import sitk_bridge
 from .image import Image, crop_image
 
 
-
 class RegistrationError(ValueError):
     """Registration cannot run on the given images or settings."""
 
@@ -256,7 +255,9 @@ class FitResult:
     iterations: int
 
 
-def _method(cfg, level: int, fixed: Prepared, fixed_level: sitk.Image, moving_mask: sitk.Image | None):
+def _method(cfg, level: int, fixed: Prepared, fixed_level: sitk.Image,
+            moving_mask: sitk.Image | None) -> sitk.ImageRegistrationMethod:
+    """One pyramid level's Mattes-MI / regular-step gradient-descent set-up."""
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(int(cfg["histogram_bins"]))
     vox = float(np.prod(fixed_level.GetSpacing()))
@@ -273,7 +274,7 @@ def _method(cfg, level: int, fixed: Prepared, fixed_level: sitk.Image, moving_ma
     reg.SetOptimizerAsRegularStepGradientDescent(
         learningRate=float(cfg["step_mm"][level]), minStep=float(cfg["min_step_mm"]),
         numberOfIterations=int(cfg["iterations"][level]),
-        relaxationFactor=float(cfg["relaxation"]), gradientMagnitudeTolerance=1e-8)
+        relaxationFactor=float(cfg["relaxation"][level]), gradientMagnitudeTolerance=1e-8)
     reg.SetOptimizerScalesFromPhysicalShift()
     return reg
 

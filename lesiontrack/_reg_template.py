@@ -95,7 +95,7 @@ def mean_image(refs: dict, preps: dict, mats: dict, grid_ref: sitk.Image) -> np.
         t = sitk_bridge.matrix_to_transform(m)
         src = sitk_bridge.to_sitk(refs[s], np.float32)
         out = sitk.Resample(src, grid_ref, t, sitk.sitkLinear, float("nan"), sitk.sitkFloat32)
-        a = sitk.GetArrayFromImage(out).transpose(2, 1, 0)
+        a = sitk_bridge.from_sitk(out).data
         ok = np.isfinite(a)
         a = np.where(ok, a / np.float32(preps[s].scale), np.float32(0))
         acc = a if acc is None else acc + a

@@ -120,7 +120,8 @@ def register_template(fixed: Image, skullstripped: bool, cfg: dict) -> sitk.Tran
     stage, each multi-resolution. On images with skull, the metric is restricted
     to the template brain (the template is skull-stripped).
     """
-    tmpl = load_templates(int(cfg["template_resolution"]))["T1w"]
+    t = load_templates(int(cfg["template_resolution"]))
+    tmpl = t["T1w"].with_data(t["T1w"].data * (t["brain"].data > 0.5))   # brain only
     f = _coarse(sitk.Cast(sitk_bridge.to_sitk(fixed, np.float32), sitk.sitkFloat32),
                 float(cfg["registration_voxel_mm"]))
     m = sitk.Cast(sitk_bridge.to_sitk(tmpl), sitk.sitkFloat32)

@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     ph.add_argument("--subjects", type=int, default=1)
     ph.add_argument("--seed", type=int, default=0)
     ph.add_argument("--resolution", type=int, choices=[1, 2], default=2, help="template resolution in mm")
+    ph.add_argument("--skull", action=argparse.BooleanOptionalAction, default=True,
+                    help="draw a skull/scalp ring around the brain (--no-skull: skull-stripped images)")
     ph.add_argument("-v", "--verbose", action="count", default=0)
 
     rep = sub.add_parser("report", help="rebuild the HTML report from existing derivatives")
@@ -173,7 +175,7 @@ def main(argv=None) -> int:
             from .phantom import make_phantom
 
             make_phantom(args.output_dir, n_subjects=args.subjects, seed=args.seed,
-                         resolution=args.resolution)
+                         resolution=args.resolution, skull=args.skull)
             print(f"phantom written: {args.output_dir / 'bids'} (BIDS) and {args.output_dir / 'truth'} (ground truth)")
             return 0
         cfg = load_config(args.config)
@@ -226,7 +228,7 @@ def _demo(args, cfg) -> int:
 
         gen = args.output_dir.parent / (args.output_dir.name + "_example")
         print(f"bundled example not found; generating it in {gen}")
-        make_phantom(gen, n_subjects=1, seed=0, resolution=2)
+        make_phantom(gen, n_subjects=1, seed=0, resolution=2, skull=False)
         bids_dir, truth = gen / "bids", gen / "truth"
     t0 = time.perf_counter()
     args_run = build_parser().parse_args(["run", str(bids_dir), str(args.output_dir), "participant",

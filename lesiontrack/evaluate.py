@@ -34,10 +34,13 @@ def _xfm_name(subject, session, mod, to):
     return f"sub-{subject}_{session}{ce_part}_from-{suffix}_to-{to}_mode-image_xfm.txt"
 
 
-def _brain_points(world, n=4000, seed=0):
-    data = world.data
-    thr = np.percentile(data[data > 0], 30) if np.any(data > 0) else 0
-    ijk = np.argwhere(data > thr)
+def _brain_points(world, brain, n=4000, seed=0):
+    """Random points (LPS) of the truth brain mask, or of the bright part of the world T1w."""
+    if brain is not None:
+        ijk = np.argwhere(brain.data > 0)
+    else:
+        data = world.data
+        ijk = np.argwhere(data > (np.percentile(data[data > 0], 30) if np.any(data > 0) else 0))
     rng = np.random.default_rng(seed)
     ijk = ijk[rng.choice(len(ijk), size=min(n, len(ijk)), replace=False)]
     return sitk_bridge.ras_to_lps_points(world.world_coords(ijk))
@@ -50,7 +53,8 @@ def evaluate_subject(output_dir, truth_dir, bids_dir, subject, min_volume_mm3=10
         raise FileNotFoundError(f"{tdir}: no sub-{subject}_space-world_T1w.nii.gz (phantom truth grid)")
     world = load_image(world_path)
     sessions = list(bids.read_sessions_tsv(bids_dir, subject)["session_id"])
-    pts = _brain_points(world)
+    brain_path = _find(tdir, f"sub-{subject}_space-world_label-brain_mask.nii.gz")
+    pts = _brain_points(world, load_image(brain_path, is_label=True) if brain_path else None)
     est, true = {}, {}
     for ses in sessions:
         for mod, (dtype, _, _) in _MODS.items():

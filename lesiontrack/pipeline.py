@@ -89,15 +89,18 @@ def _load_session(si: bids.SessionInputs, cfg) -> tuple[dict, dict]:
         if mod in si.files:
             images[mod] = load_image(si.files[mod], ndim=3)
     if "dwi" in si.files:
-        series = load_image(si.files["dwi"], ndim=4)
         if si.bval is None or not si.bval.exists() or not si.bvec.exists():
-            raise PipelineError(f"{si.files['dwi']}: the .bval/.bvec files beside it are missing "
-                                f"(expected {si.bval} and {si.bvec})")
-        bvals, bvecs = dwi_mod.read_bvals_bvecs(si.bval, si.bvec, series.shape[3])
-        maps = dwi_mod.fit_dwi(series, bvals, bvecs, cfg["segment"])
-        images["dwi"] = maps.b0
-        dwimaps = {"b1000": maps.b1000, "ADC": maps.adc}
-    elif "ADC" in si.files:
+            log.warning("%s: the .bval/.bvec files beside it are missing (expected %s and %s); "
+                        "diffusion measures are skipped for %s", si.files["dwi"], si.bval, si.bvec,
+                        si.session_id)
+        else:
+            series = load_image(si.files["dwi"], ndim=4)
+            bvals, bvecs = dwi_mod.read_bvals_bvecs(si.bval, si.bvec, series.shape[3],
+                                                    b0_max=cfg["segment"]["dwi_b0_max"])
+            maps = dwi_mod.fit_dwi(series, bvals, bvecs, cfg["segment"])
+            images["dwi"] = maps.b0
+            dwimaps = {"b1000": maps.b1000, "ADC": maps.adc}
+    if "dwi" not in images and "ADC" in si.files:
         adc = load_image(si.files["ADC"], ndim=3)
         images["dwi"] = adc
         dwimaps = {"ADC": adc}
@@ -224,7 +227,10 @@ def run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None, prog
     # 6. tracking + tables -----------------------------------------------------------
     _step(progress, "track", 6, n_steps)
     t0 = time.perf_counter()
-    flair = [pre[sid].get("FLAIR", pre[sid].get("T2w")) for sid in sids]
+    # the image-evidence test subtracts one contrast between sessions: FLAIR where every
+    # session has it, else T2w, else none (mask-only rules)
+    change_mod = next((m for m in ("FLAIR", "T2w") if all(m in pre[sid] for sid in sids)), None)
+    flair = [pre[sid][change_mod] for sid in sids] if change_mod else None
     tr = track.track_lesions([m.lesion for m in masks], spacing, cfg["track"], flair=flair,
                              brain_mask=priors.brain_mask)
     lesions_df = quantify.lesion_table(tr, masks, sids, grid, priors)
@@ -235,7 +241,7 @@ def run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None, prog
     # 7. outputs -------------------------------------------------------------------
     _step(progress, "write", 7, n_steps)
     t0 = time.perf_counter()
-    outputs = _write_outputs(output_dir, subject, kept, native, grid, al, pre, masks, tr,
+    outputs = _write_outputs(bids_dir, output_dir, subject, kept, native, grid, al, pre, masks, tr,
                              lesions_df, sessions_stats, qc_df, priors.brain_mask)
     timing["write_s"] = time.perf_counter() - t0
 
@@ -279,7 +285,17 @@ def _ref(images: dict) -> str:
     return "FLAIR" if "FLAIR" in images else "T2w"
 
 
-def _write_outputs(output_dir, subject, sessions, native, grid, al, pre, masks, tr,
+def _clinical_descriptions(bids_dir, subject) -> dict:
+    """Column descriptions from the input's ``sub-<s>_sessions.json``, if any."""
+    p = Path(bids_dir) / f"sub-{subject}" / f"sub-{subject}_sessions.json"
+    try:
+        info = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in info.items() if isinstance(v, dict)}
+
+
+def _write_outputs(bids_dir, output_dir, subject, sessions, native, grid, al, pre, masks, tr,
                    lesions_df, sessions_stats, qc_df, brain_mask) -> list[str]:
     from . import quantify
 
@@ -302,6 +318,9 @@ def _write_outputs(output_dir, subject, sessions, native, grid, al, pre, masks, 
             src = "dwi" if mod == "dwi" else suffix
             p = bids.deriv_path(out, subject, ses, dtype, ce=ce, extra=f"from-{src}_to-individual_mode-image",
                                 suffix="xfm", ext=".txt")
+            corr = sitk_bridge.file_world_correction(native[sid][mod])
+            if corr is not None:  # qform/sform disagree: write for the file as SimpleITK reads it
+                t = sitk_bridge.compose(t, corr)
             written.append(sitk_bridge.write_transform(t, p))
         # preprocessed images in the individual space
         for mod, arr in pre[sid].items():
@@ -328,6 +347,7 @@ def _write_outputs(output_dir, subject, sessions, native, grid, al, pre, masks, 
                  bids.deriv_path(out, subject, ses, "anat", desc="change", suffix="dseg"))
 
     sdir = out / f"sub-{subject}"
+    clinical = _clinical_descriptions(bids_dir, subject)
     save(grid.with_data(brain_mask.astype(np.uint8), is_label=True),
          sdir / "anat" / f"sub-{subject}_space-individual_desc-brain_mask.nii.gz")
     tables = (
@@ -337,7 +357,7 @@ def _write_outputs(output_dir, subject, sessions, native, grid, al, pre, masks, 
     )
     for path, df, cols in tables:
         written.append(write_tsv(path, df))
-        side = {c: cols.get(c, {"Description": f"clinical column '{c}' copied from sessions.tsv"})
+        side = {c: cols.get(c) or clinical.get(c) or {"Description": f"column '{c}' copied from sessions.tsv"}
                 for c in df.columns}
         written.append(bids.sidecar(path, side))
     return [str(Path(p).relative_to(out)) for p in written]

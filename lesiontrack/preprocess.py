@@ -26,7 +26,7 @@ from ._seg_stats import tissue_peak
 from .image import Image
 
 __all__ = ["Priors", "PreprocessError", "LOCATION_NAMES", "prepare_subject", "preprocess_session",
-           "detect_skullstripped"]
+           "detect_skullstripped", "n4_correct"]
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,9 @@ def _check_cfg(cfg: dict):
     ss = cfg.get("skullstripped")
     if ss not in ("auto", True, False):
         raise PreprocessError(f"[preprocess] skullstripped must be one of \"auto\", true, false; got {ss!r}")
+    if int(cfg["location_map_resolution"]) not in (1, 2):
+        raise PreprocessError(f"[preprocess] location_map_resolution must be 1 or 2 (mm), got "
+                              f"{cfg['location_map_resolution']!r}")
     if int(cfg["template_resolution"]) not in (1, 2):
         raise PreprocessError(f"[preprocess] template_resolution must be 1 or 2 (mm), got "
                               f"{cfg['template_resolution']!r}")
@@ -127,7 +130,7 @@ def prepare_subject(grid_images: dict, cfg: dict) -> Priors:
     wm = np.clip(carry(tmpl["wm"]), 0, 1).astype(np.float32)
     gm = np.clip(carry(tmpl["gm"]), 0, 1).astype(np.float32)
     brain_p = np.clip(carry(tmpl["brain"]), 0, 1).astype(np.float32)
-    location = carry(location_map(res, cfg)).astype(np.uint8)
+    location = carry(location_map(int(cfg["location_map_resolution"]), cfg)).astype(np.uint8)
     support = _support(ref.data)
     if skullstripped:
         brain = support

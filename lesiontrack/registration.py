@@ -106,7 +106,7 @@ def _check_cfg(cfg: dict):
         raise RegistrationError(f"registration config lacks {', '.join(missing)}; "
                                 "start from lesiontrack/data/pipelines/default.toml")
     n = len(cfg["levels_mm"])
-    for key in ("samples", "iterations", "step_mm"):
+    for key in ("samples", "iterations", "step_mm", "relaxation"):
         if len(cfg[key]) != n:
             raise RegistrationError(f"registration.{key} must have one value per level "
                                     f"(levels_mm has {n}), got {list(cfg[key])}")

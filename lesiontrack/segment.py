@@ -9,9 +9,12 @@ lesions nor atlas misregistration move.
 
 1. *Lesions*. For FLAIR and T2w, a voxel's hyperintensity is the smaller of its
    z-scores against the white- and the grey-matter peak (it must be abnormal for
-   either tissue). The two contrasts are combined by their geometric mean, so
-   a voxel must be bright on both (CSF is bright on T2w but dark on FLAIR; the
-   FLAIR-bright cortex is not T2w-bright beyond grey matter). Lesions grow by
+   either tissue where the atlas allows grey matter). The contrasts are combined
+   by the geometric mean of their z-scores, with T1w hypointensity against NAWM as
+   a third factor when ``use_t1`` (thin T1w slices sharpen the edges of lesions
+   seen on thick FLAIR/T2w slices), so a voxel must be abnormal on every contrast
+   (CSF is bright on T2w but dark on FLAIR). Each lesion's edge lies at
+   ``boundary_fraction`` of its own core score (the partial-volume midpoint). Lesions grow by
    hysteresis from confident seeds (``seed_z``) through connected voxels above
    ``grow_z``; components below ``min_lesion_mm3`` and components whose border is
    mostly CSF or outside the brain (sulcal partial-volume artefacts,
@@ -127,7 +130,8 @@ class _Tissue:
         return np.where(self.gm_possible, zg, zw)
 
 
-def lesion_score(images: dict, brain, tissue: _Tissue, use_t1: bool = False) -> np.ndarray:
+def lesion_score(images: dict, brain, tissue: _Tissue, use_t1: bool = False,
+                 cap: bool = False) -> np.ndarray:
     """Combined FLAIR/T2w hyperintensity z (geometric mean of the clipped z-scores)."""
     zs = [np.maximum(tissue.z_hyper(m, images[m]), 0, out=None) for m in ("FLAIR", "T2w") if m in images]
     if not zs:
@@ -140,6 +144,8 @@ def lesion_score(images: dict, brain, tissue: _Tissue, use_t1: bool = False) -> 
         zs.append(np.maximum(z1, 0, out=z1))
     score = zs[0]
     for z in zs[1:]:
+        if cap:      # T2w-bright and T1w-dark also fit CSF: only FLAIR tells them apart
+            np.minimum(z, zs[0], out=z)
         np.multiply(score, z, out=score)
     if len(zs) > 1:
         np.power(score, np.float32(1.0 / len(zs)), out=score)
@@ -157,7 +163,8 @@ def _neighbour_offsets(shape, connectivity):
 
 
 def _segment_lesions(images, brain, location, tissue, spacing, cfg) -> np.ndarray:
-    score = lesion_score(images, brain, tissue, bool(cfg["use_t1"]))
+    score = lesion_score(images, brain, tissue, bool(cfg["use_t1"]),
+                         bool(cfg["cap_by_flair"]) and "FLAIR" in images)
     conn = int(cfg["connectivity"])
     # hysteresis: components of {score > grow_z} that contain a seed (score > seed_z)
     lab, n = ndi.label(score > float(cfg["grow_z"]), structure=ndi.generate_binary_structure(3, conn))

@@ -206,6 +206,13 @@ def read_transform(path) -> sitk.Transform:
         t = sitk.ReadTransform(str(path))
     except RuntimeError as exc:
         raise ImageError(f"{path}: not a readable ITK transform ({str(exc).strip().splitlines()[-1]})") from None
+    # a single linear transform is returned exactly as written; anything else is flattened
+    t = t.Downcast()
+    if isinstance(t, sitk.CompositeTransform) and t.GetNumberOfTransforms() == 1:
+        t = t.GetNthTransform(0).Downcast()
+    if isinstance(t, (sitk.AffineTransform, sitk.Euler3DTransform, sitk.VersorRigid3DTransform,
+                      sitk.Similarity3DTransform, sitk.TranslationTransform)):
+        return t
     return flatten(t)
 
 

@@ -1,0 +1,98 @@
+"""Tests of lesiontrack.preprocess: skull-strip detection, atlas priors, N4 and normalisation."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from _segment_synthetic import synthetic_subject
+from lesiontrack import preprocess, sitk_bridge
+from lesiontrack._seg_atlas import load_templates
+from lesiontrack._seg_stats import tissue_peak
+from lesiontrack.config import load_config
+from lesiontrack.image import Image
+from lesiontrack.metrics import dice
+
+CFG = load_config()["preprocess"]
+SP = (2.0, 2.0, 2.0)
+REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
+
+
+def _ball(shape, radius_vox, value=1.0):
+    g = np.ogrid[tuple(slice(0, n) for n in shape)]
+    d2 = sum((g[a] - shape[a] / 2) ** 2 for a in range(3))
+    return np.where(d2 <= radius_vox ** 2, value, 0.0).astype(np.float32)
+
+
+def test_detect_skullstripped():
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    brain = _ball((100, 100, 100), 33)                   # ~1200 mL sphere, zero outside
+    assert preprocess.detect_skullstripped(Image(brain + 10 * (brain > 0), aff), CFG)
+    head = _ball((100, 100, 100), 45) + 0.5              # ~3000 mL head, noisy non-zero background
+    assert not preprocess.detect_skullstripped(Image(head, aff), CFG)
+    big = _ball((100, 100, 100), 45)                     # zero background but head-sized
+    assert not preprocess.detect_skullstripped(Image(big, aff), CFG)
+
+
+def test_tissue_peak_ignores_lesion_tail():
+    rng = np.random.default_rng(0)
+    wm = rng.normal(100, 5, 200_000)
+    p0 = tissue_peak(wm)
+    p1 = tissue_peak(np.concatenate([wm, rng.normal(150, 15, 40_000)]))   # 20 % lesion load
+    assert abs(p0.mode - 100) < 1 and abs(p1.mode - 100) < 1.5
+    assert p1.sigma_low == pytest.approx(5, rel=0.15)
+
+
+def test_preprocess_session_bias_and_normalisation():
+    imgs, priors, truth, _ = synthetic_subject(resolution=2, seed=1)
+    shape = priors.brain_mask.shape
+    g = np.indices(shape, dtype=np.float32)
+    bias = np.exp(0.25 * (g[0] / shape[0] - 0.5) + 0.2 * (g[2] / shape[2] - 0.5)).astype(np.float32)
+    biased = {"FLAIR": imgs["FLAIR"] * bias, "ADC": imgs["ADC"]}
+    cfg = dict(CFG, n4_modalities=["FLAIR"])
+    out = preprocess.preprocess_session(biased, priors, SP, cfg)
+    assert np.array_equal(out["ADC"], imgs["ADC"])      # physical units, unchanged
+    nawm = priors.brain_mask & (priors.wm_prob > 0.95) & ~truth["lesion"]
+    cv_before = biased["FLAIR"][nawm].std() / biased["FLAIR"][nawm].mean()
+    cv_after = out["FLAIR"][nawm].std() / out["FLAIR"][nawm].mean()
+    assert cv_after < 0.8 * cv_before
+    assert out["FLAIR"].dtype == np.float32
+    assert abs(np.median(out["FLAIR"][nawm]) - 1.0) < 0.03
+
+
+def test_prepare_subject_on_shifted_template():
+    """The template itself, shifted by 6 mm: priors land back on the brain."""
+    t = load_templates(2)
+    shifted = t["T1w"].affine.copy()
+    shifted[:3, 3] += [6.0, -4.0, 3.0]
+    img = Image(t["T1w"].data * (t["brain"].data > 0.5) * 500, shifted)
+    cfg = dict(CFG, template_resolution=2, registration_iterations=60)
+    pr = preprocess.prepare_subject({"T1w": img}, cfg)
+    assert pr.skullstripped
+    assert pr.brain_mask.dtype == bool and pr.wm_prob.dtype == np.float32
+    truth_brain = t["brain"].data > 0.5
+    assert dice(truth_brain, pr.brain_mask) > 0.95
+    wm_ref = t["wm"].data > 0.5
+    assert dice(wm_ref, pr.wm_prob > 0.5) > 0.85
+    assert set(np.unique(pr.location)) == {0, 1, 2, 3, 4}
+    assert not (pr.location[~pr.brain_mask]).any()
+    with pytest.raises(preprocess.PreprocessError, match="skullstripped"):
+        preprocess.prepare_subject({"T1w": img}, dict(cfg, skullstripped="maybe"))
+    with pytest.raises(preprocess.PreprocessError, match="template_modalities"):
+        preprocess.prepare_subject({"ceT1w": img}, cfg)
+
+
+@pytest.mark.slow
+def test_prepare_subject_raw_longitudinal():
+    """Raw (not skull-stripped) FLAIR of sub-p12: detected as such; atlas brain mask vs reference."""
+    from lesiontrack.image import load_image
+
+    truth = REAL / "longitudinal_truth" / "sub-p12"
+    if not (truth / "brainmask.nii.gz").exists():
+        pytest.skip(f"real data not present at {REAL}")
+    ref = load_image(truth / "brainmask.nii.gz", is_label=True)
+    flair = load_image(REAL / "longitudinal_bids" / "sub-p12" / "ses-1" / "anat" / "sub-p12_ses-1_FLAIR.nii.gz")
+    t = sitk_bridge.read_transform(truth / "study1_FLAIR_to_common_space.txt")
+    aligned = sitk_bridge.resample(flair, ref, t)
+    pr = preprocess.prepare_subject({"FLAIR": aligned}, CFG)
+    assert not pr.skullstripped
+    assert dice(ref.data > 0, pr.brain_mask) >= 0.85

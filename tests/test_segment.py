@@ -1,0 +1,215 @@
+"""Tests of lesiontrack.segment: lesion, restricted, black-hole and enhancing masks; measures."""
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import ndimage as ndi
+
+from _segment_synthetic import synthetic_subject
+from lesiontrack import preprocess, segment
+from lesiontrack.config import load_config
+from lesiontrack.metrics import dice, lesion_detection, volume_error
+
+CFG = load_config()
+SP = (2.0, 2.0, 2.0)
+REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
+
+
+@pytest.fixture(scope="module")
+def subject():
+    imgs, priors, truth, affine = synthetic_subject(resolution=2, seed=0)
+    pcfg = dict(CFG["preprocess"], n4_modalities=[])
+    pre = preprocess.preprocess_session(imgs, priors, SP, pcfg)
+    return pre, priors, truth, affine
+
+
+def test_lesions_and_submasks_on_synthetic(subject):
+    pre, priors, truth, _ = subject
+    m = segment.segment_session(pre, priors, SP, CFG["segment"])
+    assert m.available == {"lesion", "restricted", "blackhole", "enhancing"}
+    assert dice(truth["lesion"], m.lesion) >= 0.85
+    assert lesion_detection(truth["lesion"], m.lesion, spacing=SP)["f1"] >= 0.9
+    for k in ("restricted", "blackhole", "enhancing"):
+        got = getattr(m, k)
+        assert got.dtype == bool and got.shape == truth[k].shape
+        assert not (got & ~m.lesion).any()
+        assert lesion_detection(truth[k], got, spacing=SP)["f1"] >= 0.9, k
+
+
+def test_threshold_free_of_intensity_scale(subject):
+    """Scaling an input changes nothing: every threshold is relative to the subject's NAWM."""
+    pre, priors, _, _ = subject
+    a = segment.segment_session(pre, priors, SP, CFG["segment"])
+    scaled = {k: (v * 3.0 if k != "ADC" else v) for k, v in pre.items()}
+    b = segment.segment_session(scaled, priors, SP, CFG["segment"])
+    assert dice(a.lesion, b.lesion) > 0.99
+
+
+def test_missing_contrasts_reduce_available(subject):
+    pre, priors, truth, _ = subject
+    only_flair = {"FLAIR": pre["FLAIR"]}
+    m = segment.segment_session(only_flair, priors, SP, CFG["segment"])
+    assert m.available == {"lesion"}
+    assert not m.restricted.any() and not m.blackhole.any() and not m.enhancing.any()
+    assert lesion_detection(truth["lesion"], m.lesion, spacing=SP)["recall"] >= 0.9
+    with pytest.raises(segment.SegmentError, match="FLAIR or T2w"):
+        segment.segment_session({"T1w": pre["T1w"]}, priors, SP, CFG["segment"])
+
+
+def test_external_mask_is_used(subject):
+    pre, priors, truth, _ = subject
+    ext = np.zeros_like(truth["lesion"])
+    ext[40:44, 50:54, 40:44] = True
+    m = segment.segment_session(pre, priors, SP, CFG["segment"], lesion_mask=ext)
+    assert np.array_equal(m.lesion, ext)
+    assert not (m.restricted & ~ext).any()
+    with pytest.raises(segment.SegmentError, match="lesion_mask"):
+        segment.segment_session(pre, priors, SP, CFG["segment"], lesion_mask=ext[:-1])
+
+
+def test_config_errors(subject):
+    pre, priors, _, _ = subject
+    bad = dict(CFG["segment"], seed_z=1.0, grow_z=2.0)
+    with pytest.raises(segment.SegmentError, match="seed_z"):
+        segment.segment_session(pre, priors, SP, bad)
+    with pytest.raises(segment.SegmentError, match="shape"):
+        segment.segment_session({"FLAIR": pre["FLAIR"][:-1]}, priors, SP, CFG["segment"])
+
+
+def test_lesion_measures(subject):
+    pre, priors, truth, affine = subject
+    m = segment.segment_session(pre, priors, SP, CFG["segment"])
+    lab, n = ndi.label(m.lesion, structure=np.ones((3, 3, 3)))
+    df = segment.lesion_measures(lab, SP, affine, m, priors)
+    assert list(df.columns) == ["lesion_id", "volume_mm3", "centroid_x", "centroid_y", "centroid_z",
+                                "location", "restricted_mm3", "blackhole_mm3", "enhancing_mm3"]
+    assert len(df) == n
+    assert df["volume_mm3"].sum() == pytest.approx(m.lesion.sum() * 8.0)
+    assert df["restricted_mm3"].sum() == pytest.approx(m.restricted.sum() * 8.0)
+    assert set(df["location"]) <= {"periventricular", "juxtacortical", "infratentorial",
+                                    "deep white matter"}
+    # centroid of one lesion against an independent computation
+    i = int(df["volume_mm3"].idxmax())
+    ijk = np.argwhere(lab == df.loc[i, "lesion_id"]).mean(axis=0)
+    xyz = affine[:3, :3] @ ijk + affine[:3, 3]
+    np.testing.assert_allclose(df.loc[i, ["centroid_x", "centroid_y", "centroid_z"]].to_numpy(float),
+                               xyz, atol=1e-6)
+    # non-contiguous IDs (tracked lesion IDs) keep their values
+    df2 = segment.lesion_measures(np.where(lab > 0, lab * 10, 0), SP, affine, m, priors)
+    assert sorted(df2["lesion_id"]) == sorted(df["lesion_id"] * 10)
+    empty = segment.lesion_measures(np.zeros_like(lab), SP, affine, m, priors)
+    assert isinstance(empty, pd.DataFrame) and len(empty) == 0 and "volume_mm3" in empty
+
+
+@pytest.mark.slow
+def test_real_crosssectional_patient():
+    """sub-p19 (1 mm MNI, skull-stripped): Dice >= 0.65 against the consensus mask."""
+    from lesiontrack.image import load_image
+
+    base = REAL / "crosssectional_bids" / "sub-p19" / "ses-1" / "anat"
+    truth_path = REAL / "crosssectional_truth" / "sub-p19" / "gold_standard.nii.gz"
+    if not truth_path.exists():
+        pytest.skip(f"real data not present at {REAL}")
+    names = {"FLAIR": "FLAIR", "T2w": "T2w", "T1w": "T1w", "ceT1w": "ce-gadolinium_T1w"}
+    imgs = {m: load_image(base / f"sub-p19_ses-1_{n}.nii.gz") for m, n in names.items()}
+    gt = load_image(truth_path, is_label=True).data > 0
+    priors = preprocess.prepare_subject(imgs, CFG["preprocess"])
+    assert priors.skullstripped
+    sp = imgs["FLAIR"].spacing
+    pre = preprocess.preprocess_session({m: i.data for m, i in imgs.items()}, priors, sp,
+                                        CFG["preprocess"])
+    m = segment.segment_session(pre, priors, sp, CFG["segment"])
+    d = dice(gt, m.lesion)
+    det = lesion_detection(gt, m.lesion, spacing=sp, min_volume_mm3=10)
+    vol = volume_error(gt, m.lesion, spacing=sp)
+    print(f"sub-p19: Dice {d:.3f}, lesion F1 {det['f1']:.3f}, volume error {vol['rel']:+.3f}")
+    assert d >= 0.65
+    assert abs(vol["rel"]) <= 0.35
+
+
+@pytest.mark.slow
+def test_real_longitudinal_patient_consistent_volumes():
+    """sub-p12 (raw, not skull-stripped): per-visit FLAIR lesion volumes agree within 20 %."""
+    from lesiontrack import sitk_bridge
+    from lesiontrack.image import load_image
+
+    truth = REAL / "longitudinal_truth" / "sub-p12"
+    if not (truth / "brainmask.nii.gz").exists():
+        pytest.skip(f"real data not present at {REAL}")
+    common = load_image(truth / "brainmask.nii.gz", is_label=True)
+    flair = {}
+    for ses in (1, 2):
+        t = sitk_bridge.read_transform(truth / f"study{ses}_FLAIR_to_common_space.txt")
+        raw = load_image(REAL / "longitudinal_bids" / "sub-p12" / f"ses-{ses}" / "anat"
+                         / f"sub-p12_ses-{ses}_FLAIR.nii.gz")
+        flair[ses] = sitk_bridge.resample(raw, common, t).data
+    mean = common.with_data(((flair[1] + flair[2]) / 2).astype(np.float32), is_label=False)
+    priors = preprocess.prepare_subject({"FLAIR": mean}, CFG["preprocess"])
+    assert not priors.skullstripped
+    sp = common.spacing
+    vols, masks = [], []
+    for ses in (1, 2):
+        pre = preprocess.preprocess_session({"FLAIR": flair[ses]}, priors, sp, CFG["preprocess"])
+        m = segment.segment_session(pre, priors, sp, CFG["segment"])
+        masks.append(m.lesion)
+        vols.append(m.lesion.sum() * float(np.prod(sp)))
+    print(f"sub-p12 lesion volume: ses-1 {vols[0] / 1000:.2f} mL, ses-2 {vols[1] / 1000:.2f} mL")
+    assert min(vols) > 1000.0                       # the patient has lesions
+    assert abs(vols[1] - vols[0]) / np.mean(vols) <= 0.2
+    assert dice(masks[0], masks[1]) >= 0.6
+
+
+@pytest.mark.slow
+def test_phantom_1mm(tmp_path):
+    """1 mm phantom, every visit, contrasts aligned with the truth transforms: lesion Dice
+    >= 0.85, lesion-wise F1 >= 0.90 (lesions >= 10 mm^3) and restricted / black-hole /
+    enhancing detection F1 >= 0.90 (pooled over the visits)."""
+    from lesiontrack import dwi, sitk_bridge
+    from lesiontrack.image import load_image
+    from lesiontrack.phantom import make_phantom
+
+    out = make_phantom(tmp_path, n_subjects=1, seed=1, resolution=1)
+    truth, bids = Path(out["truth"]) / "sub-01", Path(out["bids"]) / "sub-01"
+    world = load_image(out["files"]["01"]["world"])
+    xfm = {"FLAIR": "from-FLAIR", "T2w": "from-T2w", "T1w": "from-T1w",
+           "ceT1w": "ce-gadolinium_from-T1w", "dwi": "from-dwi"}
+    aligned = {}
+    for ses, files in out["files"]["01"]["sessions"].items():
+        a, p = {}, f"sub-01_{ses}"
+        for mod, path in files.items():
+            t = sitk_bridge.read_transform(truth / ses / f"{p}_{xfm[mod]}_to-world_mode-image_xfm.txt")
+            if mod == "dwi":
+                series = load_image(path, ndim=4)
+                stem = str(path)[:-len(".nii.gz")]
+                bv, bc = dwi.read_bvals_bvecs(stem + ".bval", stem + ".bvec", series.shape[3])
+                maps = dwi.fit_dwi(series, bv, bc, CFG["segment"])
+                a["b1000"] = sitk_bridge.resample(maps.b1000, world, t).data
+                a["ADC"] = sitk_bridge.resample(maps.adc, world, t).data
+            else:
+                a[mod] = sitk_bridge.resample(load_image(path), world, t).data
+        aligned[ses] = a
+    sess = sorted(aligned)
+    means = {m: world.with_data(np.mean([aligned[s][m] for s in sess], axis=0).astype(np.float32))
+             for m in aligned[sess[0]]}
+    priors = preprocess.prepare_subject(means, CFG["preprocess"])
+    sp = world.spacing
+    dices, counts = [], {k: np.zeros(3) for k in ("lesion", "restricted", "blackhole", "enhancing")}
+    for ses in sess:
+        pre = preprocess.preprocess_session(aligned[ses], priors, sp, CFG["preprocess"])
+        m = segment.segment_session(pre, priors, sp, CFG["segment"])
+        p = truth / ses / f"sub-01_{ses}_space-world"
+        gt = load_image(f"{p}_desc-lesions_dseg.nii.gz", is_label=True).data > 0
+        dices.append(dice(gt, m.lesion))
+        for k in counts:
+            g = gt if k == "lesion" else load_image(f"{p}_label-{k}_mask.nii.gz", is_label=True).data > 0
+            d = lesion_detection(g, getattr(m, k), spacing=sp, min_volume_mm3=10)
+            counts[k] += [d["tp_truth"], d["n_truth"], d["fp"]]
+    f1 = {}
+    for k, (tp, nt, fp) in counts.items():
+        prec = tp / (tp + fp) if tp + fp else 1.0
+        rec = tp / nt if nt else 1.0
+        f1[k] = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
+    print(f"phantom 1 mm: Dice per visit {np.round(dices, 3)}, mean {np.mean(dices):.3f}; F1 {f1}")
+    assert np.mean(dices) >= 0.85
+    assert all(v >= 0.9 for v in f1.values()), f1
