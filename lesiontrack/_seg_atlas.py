@@ -140,6 +140,8 @@ def register_template(fixed: Image, skullstripped: bool, cfg: dict) -> sitk.Tran
             aff.SetTranslation(tuple(mat[:3, :3] @ c + mat[:3, 3] - c))
             transform = aff
         reg = sitk.ImageRegistrationMethod()
+        if int(cfg.get("threads", 0)) > 0:  # one thread: reruns are byte-identical
+            reg.SetNumberOfThreads(int(cfg["threads"]))
         reg.SetMetricAsMattesMutualInformation(int(cfg["registration_bins"]))
         reg.SetMetricSamplingStrategy(reg.RANDOM)
         reg.SetMetricSamplingPercentage(float(cfg["registration_sampling"]), 1)

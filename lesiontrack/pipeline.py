@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -281,6 +283,18 @@ def run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None, prog
     return result
 
 
+def _io_threads() -> int:
+    """Threads for compressing outputs: the CPUs this process may use, capped at 4."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        n = os.cpu_count() or 1
+    limit = os.environ.get("OMP_NUM_THREADS", "")
+    if limit.isdigit() and int(limit) > 0:
+        n = min(n, int(limit))
+    return max(1, min(4, n))
+
+
 def _ref(images: dict) -> str:
     return "FLAIR" if "FLAIR" in images else "T2w"
 
@@ -302,9 +316,12 @@ def _write_outputs(bids_dir, output_dir, subject, sessions, native, grid, al, pr
     out = Path(output_dir)
     written: list[Path] = []
     bids.write_dataset_description(out)
+    # images are compressed in a few threads (zlib releases the GIL); each write is atomic
+    pool = ThreadPoolExecutor(max_workers=_io_threads())
+    pending = []
 
     def save(img, path):
-        written.append(save_image(img, path))
+        pending.append(pool.submit(save_image, img, path))
 
     for i, si in enumerate(sessions):
         sid, ses = si.session_id, si.session
@@ -350,6 +367,10 @@ def _write_outputs(bids_dir, output_dir, subject, sessions, native, grid, al, pr
     clinical = _clinical_descriptions(bids_dir, subject)
     save(grid.with_data(brain_mask.astype(np.uint8), is_label=True),
          sdir / "anat" / f"sub-{subject}_space-individual_desc-brain_mask.nii.gz")
+    try:
+        written.extend(f.result() for f in pending)   # re-raises the first failed write
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     tables = (
         (sdir / f"sub-{subject}_desc-lesions_stats.tsv", lesions_df, quantify.LESION_COLUMNS),
         (sdir / f"sub-{subject}_desc-sessions_stats.tsv", sessions_stats, quantify.SESSION_COLUMNS),

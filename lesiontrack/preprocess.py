@@ -147,14 +147,18 @@ def prepare_subject(grid_images: dict, cfg: dict) -> Priors:
 def n4_correct(data: np.ndarray, mask: np.ndarray, spacing, cfg: dict) -> np.ndarray:
     """N4 bias-field correction fitted on a shrunk image, applied at full resolution.
 
-    ``cfg`` keys: ``n4_shrink`` (integer shrink factor), ``n4_iterations`` (per
-    fitting level), ``n4_convergence``.
+    ``cfg`` keys: ``n4_fit_voxel_mm`` (the fit runs on the image shrunk to about
+    this voxel size; the field is smooth, so a coarse fit loses nothing),
+    ``n4_iterations`` (per fitting level), ``n4_convergence``, ``threads``.
     """
     aff = np.diag([*map(float, spacing), 1.0])
     img = sitk_bridge.to_sitk(Image(np.maximum(data, 0).astype(np.float32), aff))
     msk = sitk_bridge.to_sitk(Image(mask.astype(np.uint8), aff, is_label=True))
-    shrink = [int(cfg["n4_shrink"])] * 3
+    fit_mm = float(cfg["n4_fit_voxel_mm"])
+    shrink = [max(1, int(round(fit_mm / float(s)))) for s in spacing]
     corr = sitk.N4BiasFieldCorrectionImageFilter()
+    if int(cfg["threads"]) > 0:  # one thread: reruns are byte-identical (and N4 gains little from more here)
+        corr.SetNumberOfThreads(int(cfg["threads"]))
     corr.SetMaximumNumberOfIterations([int(i) for i in cfg["n4_iterations"]])
     corr.SetConvergenceThreshold(float(cfg["n4_convergence"]))
     corr.Execute(sitk.Shrink(img, shrink), sitk.Shrink(msk, shrink))
