@@ -168,6 +168,7 @@ def main(argv=None) -> int:
     from .bids import BIDSError
     from .config import ConfigError, load_config
     from .image import ImageError
+    from .cohort import CohortError, RunInterrupted
     from .report import ReportError
 
     try:
@@ -212,7 +213,11 @@ def main(argv=None) -> int:
 
                 write_json(args.json, scores)
             return 0
-    except (BIDSError, ImageError, ConfigError, ReportError, OSError) as exc:
+    except RunInterrupted as exc:
+        print(f"lesiontrack: interrupted by signal {exc.signum}; finished subjects are kept, "
+              "rerun the same command to complete the others", file=sys.stderr)
+        return 128 + int(exc.signum)
+    except (BIDSError, ImageError, ConfigError, ReportError, CohortError, OSError) as exc:
         print(f"lesiontrack: error: {exc}", file=sys.stderr)
         return 2
     parser.error(f"unknown command {args.command}")
