@@ -110,7 +110,7 @@ class Image:
         return ijk @ self.affine[:3, :3].T + self.affine[:3, 3]
 
     def to_nifti(self, dtype=None) -> nib.Nifti1Image:
-        data = self.data if dtype is None else self.data.astype(dtype)
+        data = self.data if dtype is None else self.data.astype(dtype, copy=False)
         img = nib.Nifti1Image(data, self.affine)
         img.set_qform(self.affine, code=1)
         img.set_sform(self.affine, code=1)

@@ -206,6 +206,7 @@ def run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None, prog
 
     # 4. subject priors + per-session preprocessing ----------------------------------
     _step(progress, "preprocess", 4, n_steps)
+    writer = _Writer()
     t0 = time.perf_counter()
     means = {}
     for mod in ("FLAIR", "T2w", "T1w", "ceT1w", "b1000", "ADC"):
@@ -217,6 +218,9 @@ def run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None, prog
     pre = {}
     for sid in sids:  # free each session's raw resampled arrays as soon as they are preprocessed
         pre[sid] = preprocess.preprocess_session(aligned.pop(sid), priors, spacing, cfg["preprocess"])
+        for mod, arr in pre[sid].items():  # compressed in the background from here on
+            writer.save(grid.with_data(arr.astype(np.float32, copy=False)),
+                        _preproc_path(output_dir, subject, sid, mod))
     timing["preprocess_s"] = time.perf_counter() - t0
 
     # 5. segmentation --------------------------------------------------------------
@@ -233,8 +237,19 @@ def run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None, prog
     # session has it, else T2w, else none (mask-only rules)
     change_mod = next((m for m in ("FLAIR", "T2w") if all(m in pre[sid] for sid in sids)), None)
     flair = [pre[sid][change_mod] for sid in sids] if change_mod else None
+    # per-session lesion evidence (z) lets the tracker confirm change in the images themselves
+    lesion_z = ([segment.lesion_zmap(pre[sid], priors, cfg["segment"]) for sid in sids]
+                if change_mod else None)
     tr = track.track_lesions([m.lesion for m in masks], spacing, cfg["track"], flair=flair,
-                             brain_mask=priors.brain_mask)
+                             brain_mask=priors.brain_mask, lesion_z=lesion_z)
+    del lesion_z
+    # the tracked lesions are the final lesion masks (the tracker may add lesion voxels that the
+    # image evidence confirms); the sub-masks stay inside them
+    for m, lab in zip(masks, tr.labels):
+        m.lesion = lab > 0
+        m.restricted &= m.lesion
+        m.blackhole &= m.lesion
+        m.enhancing &= m.lesion
     lesions_df = quantify.lesion_table(tr, masks, sids, grid, priors)
     sessions_stats = quantify.session_table(tr, masks, sessions_df, grid, lesions_df)
     qc_df = pd.DataFrame([q.__dict__ for q in al.qc])
@@ -243,8 +258,11 @@ def run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None, prog
     # 7. outputs -------------------------------------------------------------------
     _step(progress, "write", 7, n_steps)
     t0 = time.perf_counter()
-    outputs = _write_outputs(bids_dir, output_dir, subject, kept, native, grid, al, pre, masks, tr,
-                             lesions_df, sessions_stats, qc_df, priors.brain_mask)
+    try:
+        outputs = _write_outputs(bids_dir, output_dir, subject, kept, native, grid, al, masks, tr,
+                                 lesions_df, sessions_stats, qc_df, priors.brain_mask, writer)
+    finally:
+        writer.close()
     timing["write_s"] = time.perf_counter() - t0
 
     images = {sid: {mod: grid.with_data(arr) for mod, arr in pre[sid].items()} for sid in sids}
@@ -283,6 +301,36 @@ def run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None, prog
     return result
 
 
+class _Writer:
+    """Writes images in background threads while the pipeline goes on.
+
+    zlib releases the GIL, so compressing outputs overlaps with computation. Each
+    write is atomic; :meth:`wait` re-raises the first failure.
+    """
+
+    def __init__(self):
+        self.pool = ThreadPoolExecutor(max_workers=_io_threads())
+        self.pending = []
+
+    def save(self, img: Image, path):
+        self.pending.append(self.pool.submit(save_image, img, path))
+
+    def wait(self) -> list:
+        try:
+            return [f.result() for f in self.pending]
+        finally:
+            self.pending = []
+
+    def close(self):
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _preproc_path(out, subject, session, mod):
+    dtype, ce, suffix = _OUT_NAMES[mod]
+    return bids.deriv_path(out, subject, session, dtype, ce=ce, space="individual", desc="preproc",
+                           suffix=suffix)
+
+
 def _io_threads() -> int:
     """Threads for compressing outputs: the CPUs this process may use, capped at 4."""
     try:
@@ -309,19 +357,14 @@ def _clinical_descriptions(bids_dir, subject) -> dict:
     return {k: v for k, v in info.items() if isinstance(v, dict)}
 
 
-def _write_outputs(bids_dir, output_dir, subject, sessions, native, grid, al, pre, masks, tr,
-                   lesions_df, sessions_stats, qc_df, brain_mask) -> list[str]:
+def _write_outputs(bids_dir, output_dir, subject, sessions, native, grid, al, masks, tr,
+                   lesions_df, sessions_stats, qc_df, brain_mask, writer: _Writer) -> list[str]:
     from . import quantify
 
     out = Path(output_dir)
     written: list[Path] = []
     bids.write_dataset_description(out)
-    # images are compressed in a few threads (zlib releases the GIL); each write is atomic
-    pool = ThreadPoolExecutor(max_workers=_io_threads())
-    pending = []
-
-    def save(img, path):
-        pending.append(pool.submit(save_image, img, path))
+    save = writer.save   # (the preprocessed images were queued as soon as they existed)
 
     for i, si in enumerate(sessions):
         sid, ses = si.session_id, si.session
@@ -339,18 +382,12 @@ def _write_outputs(bids_dir, output_dir, subject, sessions, native, grid, al, pr
             if corr is not None:  # qform/sform disagree: write for the file as SimpleITK reads it
                 t = sitk_bridge.compose(t, corr)
             written.append(sitk_bridge.write_transform(t, p))
-        # preprocessed images in the individual space
-        for mod, arr in pre[sid].items():
-            dtype, ce, suffix = _OUT_NAMES[mod]
-            save(grid.with_data(arr.astype(np.float32)),
-                 bids.deriv_path(out, subject, ses, dtype, ce=ce, space="individual", desc="preproc",
-                                 suffix=suffix))
         m = masks[i]
         for label, arr in (("lesion", m.lesion), ("restricted", m.restricted),
                            ("blackhole", m.blackhole), ("enhancing", m.enhancing)):
             save(grid.with_data(arr.astype(np.uint8), is_label=True),
                  bids.deriv_path(out, subject, ses, "anat", space="individual", label=label, suffix="mask"))
-        lab = grid.with_data(tr.labels[i].astype(np.int32), is_label=True)
+        lab = grid.with_data(tr.labels[i].astype(np.int32, copy=False), is_label=True)
         save(lab, bids.deriv_path(out, subject, ses, "anat", space="individual", desc="lesions", suffix="dseg"))
         # native space (the session reference's grid)
         back = sitk_bridge.inverse(al.transforms[sid][ref_mod])
@@ -367,10 +404,7 @@ def _write_outputs(bids_dir, output_dir, subject, sessions, native, grid, al, pr
     clinical = _clinical_descriptions(bids_dir, subject)
     save(grid.with_data(brain_mask.astype(np.uint8), is_label=True),
          sdir / "anat" / f"sub-{subject}_space-individual_desc-brain_mask.nii.gz")
-    try:
-        written.extend(f.result() for f in pending)   # re-raises the first failed write
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    written.extend(writer.wait())   # every queued image; re-raises the first failed write
     tables = (
         (sdir / f"sub-{subject}_desc-lesions_stats.tsv", lesions_df, quantify.LESION_COLUMNS),
         (sdir / f"sub-{subject}_desc-sessions_stats.tsv", sessions_stats, quantify.SESSION_COLUMNS),

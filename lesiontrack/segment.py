@@ -39,7 +39,8 @@ from scipy import ndimage as ndi
 from ._seg_measures import lesion_measures
 from ._seg_stats import tissue_peak
 
-__all__ = ["SessionMasks", "SegmentError", "segment_session", "lesion_measures", "lesion_score"]
+__all__ = ["SessionMasks", "SegmentError", "segment_session", "lesion_measures", "lesion_score",
+           "lesion_zmap"]
 
 MEASURES = ("lesion", "restricted", "blackhole", "enhancing")
 
@@ -210,6 +211,40 @@ def _segment_lesions(images, brain, location, tissue, spacing, cfg) -> np.ndarra
     on_csf = np.bincount(labs, weights=n_csf, minlength=n + 1)
     keep &= on_csf <= float(cfg["max_csf_border"]) * np.maximum(border, 1)
     return lesion & keep[lab]
+
+
+def lesion_zmap(images: dict, priors, cfg: dict) -> np.ndarray:
+    """Lesion-likeness of every voxel: the combined hyperintensity z of :func:`segment_session`.
+
+    The same score the segmentation thresholds (``seed_z`` / ``grow_z``), on the full
+    grid (0 outside the brain). The tracker's change detector uses it to restrict
+    image change to voxels that look like lesion at the brighter visit.
+
+    Parameters
+    ----------
+    images : dict[str, ndarray]
+        Preprocessed contrasts of one session (as for :func:`segment_session`).
+    priors : lesiontrack.preprocess.Priors
+    cfg : dict
+        The ``[segment]`` section of the pipeline config.
+
+    Returns
+    -------
+    ndarray (float32)
+    """
+    _check_cfg(cfg)
+    brain_full = np.asarray(priors.brain_mask, dtype=bool)
+    for mod, arr in images.items():
+        if np.shape(arr) != brain_full.shape:
+            raise SegmentError(f"{mod}: shape {np.shape(arr)} differs from the brain mask {brain_full.shape}")
+    box = _bbox(brain_full)
+    brain = brain_full[box]
+    imgs = {m: np.asarray(a, dtype=np.float32)[box] for m, a in images.items()}
+    tissue = _Tissue(brain, priors.wm_prob[box], priors.gm_prob[box], cfg)
+    out = np.zeros(brain_full.shape, np.float32)
+    out[box] = lesion_score(imgs, brain, tissue, bool(cfg["use_t1"]),
+                            bool(cfg["cap_by_flair"]) and "FLAIR" in imgs)
+    return out
 
 
 def _empty(shape):

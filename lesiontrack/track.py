@@ -15,7 +15,11 @@ each lesion through time:
   evidence when the images are given), documented in ``docs/tracking.md``;
 * **change maps** — 1 where a new or enlarging lesion gained voxels, 2 where a
   shrinking or resolved lesion lost voxels, in connected components that are a
-  detectable change themselves; boundary changes of stable lesions are not drawn.
+  detectable change themselves; boundary changes of stable lesions are not drawn;
+* **image-driven detection** — given the segmentation's lesion scores (``lesion_z``),
+  significant FLAIR change (false-discovery-rate controlled) in voxels that changed
+  lesion status is added first (:mod:`lesiontrack._track_detect`), so lesions the
+  per-visit segmentations missed are tracked and drawn too.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from ._track_detect import detect_change, fdr_threshold
 from ._track_match import _first_per_group, label_components, match_components
 from ._track_status import (ENLARGING, NEW, RESOLVED, SHRINKING, STABLE, STATUS,
                             DifferenceEvidence, boundary_shell, detectable_change, volume_status)
@@ -35,7 +40,8 @@ _KEYS = {"connectivity": int, "min_overlap_voxels": int, "min_change_mm3": float
          "size_boundary_mm3": float, "enlarge_rel_small": float, "enlarge_rel_large": float,
          "boundary_shift_voxels": float, "mdc_z": float, "min_intensity_z": float,
          "background_mm": float, "baseline_status": str,
-         "merged_status": str, "remember_resolved": bool}
+         "merged_status": str, "remember_resolved": bool, "change_fdr_q": float,
+         "change_lesion_z": float, "change_absent_z": float}
 
 
 class TrackingError(ValueError):
@@ -83,16 +89,20 @@ def _check_cfg(cfg: dict) -> dict:
         raise TrackingError(f"[track] connectivity must be 1, 2 or 3 (6-, 18-, 26-neighbourhood), "
                             f"got {cfg['connectivity']}")
     for k in ("min_change_mm3", "size_boundary_mm3", "enlarge_rel_small", "enlarge_rel_large",
-              "boundary_shift_voxels", "mdc_z", "min_intensity_z", "background_mm"):
+              "boundary_shift_voxels", "mdc_z", "min_intensity_z", "background_mm",
+              "change_lesion_z", "change_absent_z"):
         if not out[k] >= 0:
             raise TrackingError(f"[track] {k} must be >= 0, got {cfg[k]}")
+    if not 0 <= out["change_fdr_q"] < 1:
+        raise TrackingError(f"[track] change_fdr_q must lie in [0, 1) (0 = no change detection), "
+                            f"got {cfg['change_fdr_q']}")
     for k, allowed in (("baseline_status", ("new", "stable")), ("merged_status", ("stable", "resolved"))):
         if out[k] not in allowed:
             raise TrackingError(f"[track] {k} must be one of {', '.join(allowed)}, got {cfg[k]!r}")
     return out
 
 
-def _check_inputs(masks, spacing, flair, brain_mask):
+def _check_inputs(masks, spacing, flair, brain_mask, lesion_z=None):
     if len(masks) == 0:
         raise TrackingError("track_lesions: lesion_masks is empty; at least one session is needed")
     masks = [np.asarray(m) for m in masks]
@@ -110,6 +120,12 @@ def _check_inputs(masks, spacing, flair, brain_mask):
         for i, f in enumerate(flair):
             if f is not None and np.shape(f) != shape:
                 raise TrackingError(f"flair[{i}] has shape {np.shape(f)}, the masks {shape}")
+    if lesion_z is not None:
+        if len(lesion_z) != len(masks):
+            raise TrackingError(f"lesion_z has {len(lesion_z)} maps for {len(masks)} lesion masks")
+        for i, z in enumerate(lesion_z):
+            if z is not None and np.shape(z) != shape:
+                raise TrackingError(f"lesion_z[{i}] has shape {np.shape(z)}, the masks {shape}")
     if brain_mask is not None and np.shape(brain_mask) != shape:
         raise TrackingError(f"brain_mask has shape {np.shape(brain_mask)}, the masks {shape}")
     return [m > 0 for m in masks], spacing
@@ -141,7 +157,8 @@ class _State:
         self.lab, self.n, self.ids, self.mask = lab, n, ids, mask
 
 
-def track_lesions(lesion_masks, spacing, cfg: dict, flair=None, brain_mask=None) -> Tracking:
+def track_lesions(lesion_masks, spacing, cfg: dict, flair=None, brain_mask=None,
+                  lesion_z=None) -> Tracking:
     """Follow every lesion through the sessions.
 
     Parameters
@@ -157,18 +174,28 @@ def track_lesions(lesion_masks, spacing, cfg: dict, flair=None, brain_mask=None)
         used for the image evidence of new / enlarging / shrinking / resolved lesions.
     brain_mask : ndarray (bool), optional
         Region for the noise estimate of the FLAIR difference.
+    lesion_z : list of (ndarray or None), optional
+        Lesion score per session (:func:`lesiontrack.segment.lesion_zmap`). Given with
+        ``flair`` and ``brain_mask`` (and ``change_fdr_q`` > 0), significant FLAIR change
+        in voxels that look like lesion at the brighter visit is added to the masks
+        before tracking (:mod:`lesiontrack._track_detect`): lesions the per-visit
+        segmentation missed are then tracked and drawn in the change maps.
 
     Returns
     -------
     Tracking
     """
     c = _check_cfg(cfg)
-    masks, spacing = _check_inputs(lesion_masks, spacing, flair, brain_mask)
+    masks, spacing = _check_inputs(lesion_masks, spacing, flair, brain_mask, lesion_z)
     full_shape = masks[0].shape
-    box = _bbox(masks)                          # all lesion work happens in this box
+    brain = None if brain_mask is None else np.asarray(brain_mask) > 0
+    detected = [None] * len(masks)
+    if flair is not None and lesion_z is not None and brain is not None and c["change_fdr_q"] > 0:
+        masks, detected = _add_detected_change(masks, flair, lesion_z, brain, spacing, c)
+    # all lesion work happens in this box (holding the detected losses too)
+    box = _bbox(masks + [d[1] for d in detected if d is not None])
     masks = [m[box] for m in masks]
     vv = float(np.prod(spacing))
-    brain = None if brain_mask is None else np.asarray(brain_mask) > 0
     base_status = NEW if c["baseline_status"] == "new" else STABLE
     merged_status = STABLE if c["merged_status"] == "stable" else RESOLVED
 
@@ -192,8 +219,9 @@ def track_lesions(lesion_masks, spacing, cfg: dict, flair=None, brain_mask=None)
             lesions[box] = state.mask | masks[t]
             ev = DifferenceEvidence(flair[t - 1], flair[t], brain, lesions, spacing,
                                     c["background_mm"], crop=box)
+        det = None if detected[t] is None else tuple(a[box] for a in detected[t])
         out = _step(t, state, lab, n, masks[t], ev, memory, first_seen, next_id, c, vv,
-                    merged_status)
+                    merged_status, det)
         first_seen = np.concatenate([first_seen, np.full(out["next_id"] - next_id, t, np.int64)])
         next_id = out["next_id"]
         labels.append(out["ids"][lab].astype(np.int32))
@@ -220,6 +248,25 @@ def track_lesions(lesion_masks, spacing, cfg: dict, flair=None, brain_mask=None)
                     ev_df[EVENT_COLUMNS], iv)
 
 
+def _add_detected_change(masks, flair, lesion_z, brain, spacing, c):
+    """Masks with the image-detected gains added (a lesion the segmentation missed is
+    then tracked), and the detected ``(gain, loss)`` per session (None for the first
+    session and where an image is missing)."""
+    masks = [m.copy() for m in masks]
+    detected = [None] * len(masks)
+    vv = float(np.prod(spacing))
+    for t in range(1, len(masks)):                   # loop over intervals
+        if any(a is None for a in (flair[t - 1], flair[t], lesion_z[t - 1], lesion_z[t])):
+            continue
+        ev = DifferenceEvidence(flair[t - 1], flair[t], brain, masks[t - 1] | masks[t], spacing,
+                                c["background_mm"])
+        gain, loss = detect_change(ev, np.asarray(lesion_z[t - 1]), np.asarray(lesion_z[t]),
+                                   brain, c["connectivity"], vv, c)
+        masks[t] |= gain
+        detected[t] = (gain, loss)
+    return masks, detected
+
+
 def _bbox(masks, margin: int = 2):
     """Slices of the box holding every session's lesions (plus a margin)."""
     union = np.zeros(masks[0].shape, bool)
@@ -242,8 +289,12 @@ def _paste(a: np.ndarray, box, shape) -> np.ndarray:
 
 
 def _step(t, prev: _State, lab, n, mask, ev, memory, first_seen, next_id, c, vv,
-          merged_status) -> dict:
-    """Match one session to the previous one; IDs, statuses, change map, event rows."""
+          merged_status, det=None) -> dict:
+    """Match one session to the previous one; IDs, statuses, change map, event rows.
+
+    ``det``: image-detected ``(gain, loss)`` of the interval (significant change by the
+    detector's own test), counted as confirmed change of at least ``min_change_mm3``.
+    """
     m = match_components(prev.lab, prev.n, lab, n, c["min_overlap_voxels"],
                          prev_rank=first_seen[prev.ids])
     ids = np.zeros(n + 1, dtype=np.int64)
@@ -279,6 +330,9 @@ def _step(t, prev: _State, lab, n, mask, ev, memory, first_seen, next_id, c, vv,
     new_ok = vol1 >= c["min_change_mm3"]
     if ev is not None:                         # a new lesion must be new in the images
         new_ok &= ev.zscore(np.where(is_cand[lab], lab, 0), n) >= c["min_intensity_z"]
+    if det is not None:                        # or hold a detected gain of its own
+        det_gain, det_loss = det
+        new_ok |= np.bincount(lab[det_gain & ~prev.mask], minlength=n + 1) * vv >= c["min_change_mm3"]
     status[cand] = np.where(new_ok[cand], NEW, STABLE)
     lineage = np.arange(n + 1)
     lineage[child] = m.dest[m.parent[child]]
@@ -298,6 +352,14 @@ def _step(t, prev: _State, lab, n, mask, ev, memory, first_seen, next_id, c, vv,
         st = np.full(n + 1, STABLE, np.int8)
         st[(up >= need) & (up > down)] = ENLARGING
         st[(down >= need) & (down > up)] = SHRINKING
+        if det is not None:                    # detected change: significant by its own test
+            up_d = np.bincount(lineage[lab[det_gain]], minlength=n + 1) * vv
+            down_d = np.bincount(m.dest[prev.lab[det_loss & prev.mask]], minlength=n + 1) * vv
+            free = (st == STABLE) & cont       # only the detected voxels are drawn for these
+            st[free & (up_d >= c["min_change_mm3"]) & (up_d > down_d)] = ENLARGING
+            st[free & (down_d >= c["min_change_mm3"]) & (down_d > up_d)] = SHRINKING
+            gain &= ~free[lineage][lab]
+            loss &= ~free[m.dest][prev.lab]
         status[cont] = st[lineage][cont]
     else:
         status[(status == ENLARGING) & ~(up[lineage] > 0)] = STABLE
@@ -308,6 +370,9 @@ def _step(t, prev: _State, lab, n, mask, ev, memory, first_seen, next_id, c, vv,
     chg = np.zeros(mask.shape, np.uint8)
     chg[gain & grow[lab]] = 1
     chg[loss & shrink[prev.lab]] = 2
+    if det is not None:          # detected change: lesion-like and significantly changed
+        chg[det_gain] = 1
+        chg[det_loss] = 2
 
     if memory is not None and vanished.any():
         foot = vanished[prev.lab]
@@ -353,6 +418,12 @@ def _confirmed(cand: np.ndarray, sign: int, ev, c: dict, vv: float) -> np.ndarra
         return cand
     ok = np.bincount(lab.ravel(), minlength=k + 1) * vv >= c["min_change_mm3"]
     if ev is not None:
-        ok &= sign * ev.zscore(lab, k) >= c["min_intensity_z"]
+        z = sign * ev.zscore(lab, k)
+        z[~np.isfinite(z)] = 0.0
+        thr = c["min_intensity_z"]
+        if c["change_fdr_q"] > 0 and ok[1:].any():
+            # every candidate region is a test: one-sided Benjamini-Hochberg over them
+            thr = max(thr, fdr_threshold(np.maximum(z[1:][ok[1:]], 0.0), 2 * c["change_fdr_q"]))
+        ok &= z >= thr
     ok[0] = False
     return ok[lab]

@@ -1,0 +1,91 @@
+"""Image-driven change detection between two visits (private helper of :mod:`lesiontrack.track`).
+
+The per-visit segmentations miss faint and small lesions, so a lesion that appears
+(or disappears) between visits may be absent from both masks. This detector looks
+for change in the images themselves:
+
+1. the FLAIR difference of the co-registered, intensity-normalised visits, with the
+   slowly varying background removed, is scaled by its own robust noise level
+   (:class:`lesiontrack._track_status.DifferenceEvidence`: median offset, 1.4826 MAD
+   over the brain outside lesions) to a voxel z map;
+2. significance is controlled by the false-discovery rate: the seed level is the
+   Benjamini-Hochberg threshold at ``change_fdr_q`` of the two-sided voxel p-values over
+   the brain (Genovese, Lazar & Nichols 2002), so it adapts to the noise and to the
+   amount of change in each scan pair;
+3. the voxels must have changed lesion status: a confident lesion at the brighter visit
+   (the segmentation's lesion score at least ``change_lesion_z``, its seed level) and no
+   lesion at the other (score below ``change_absent_z``, its growth level) — gain where
+   the current visit is the lesion, loss where the previous one was. Regions grow by
+   hysteresis from the seeds through such voxels whose change reaches
+   ``min_intensity_z`` in the same direction;
+4. regions smaller than ``min_change_mm3`` are dropped.
+
+The tracker adds gained regions to the current visit's lesion mask (a missed new lesion
+then gets an ID and its status by the usual rules), draws gained and lost regions in
+the change map, and lets them make a lesion enlarging or shrinking (``docs/tracking.md``).
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage as ndi
+from scipy.special import ndtri
+
+__all__ = ["fdr_threshold", "detect_change"]
+
+
+def fdr_threshold(z: np.ndarray, q: float) -> float:
+    """Smallest |z| declared significant by Benjamini-Hochberg at level ``q`` (two-sided).
+
+    Returns ``inf`` when nothing is significant.
+    """
+    a = np.sort(np.abs(np.asarray(z, dtype=np.float64)).ravel())[::-1]
+    m = a.size
+    if m == 0:
+        return float("inf")
+    # p_(k) <= q k / m  <=>  |z|_(k) >= Phi^-1(1 - q k / (2 m)) (two-sided)
+    crit = -ndtri(np.minimum(q * np.arange(1, m + 1) / (2.0 * m), 0.5))
+    ok = np.flatnonzero(a >= crit)
+    return float(a[ok[-1]]) if ok.size else float("inf")
+
+
+def detect_change(ev, z_prev: np.ndarray, z_cur: np.ndarray, brain: np.ndarray,
+                  connectivity: int, voxel_volume: float, c: dict):
+    """Regions of significant gain and loss of lesion signal (see module notes).
+
+    Parameters
+    ----------
+    ev : DifferenceEvidence
+        Difference of the two visits (full grid, no crop).
+    z_prev, z_cur : ndarray
+        Lesion score of each visit (:func:`lesiontrack.segment.lesion_zmap`).
+    brain : ndarray of bool
+        Region searched and over which the FDR is controlled.
+    connectivity : int
+        Neighbourhood of the regions (1, 2, 3).
+    voxel_volume : float
+        mm^3 per voxel.
+    c : dict
+        Checked ``[track]`` settings (``change_fdr_q``, ``change_lesion_z``,
+        ``change_absent_z``, ``min_intensity_z``, ``min_change_mm3``).
+
+    Returns
+    -------
+    gain, loss : ndarray of bool
+    """
+    z = (ev.diff - np.float32(ev.offset)) * np.float32(1.0 / ev.sigma)
+    thr = fdr_threshold(z[brain], c["change_fdr_q"])
+    grow = max(c["min_intensity_z"], 0.0)
+    st = ndi.generate_binary_structure(3, connectivity)
+    out = []
+    for sign, like, other in ((1, z_cur, z_prev), (-1, z_prev, z_cur)):    # gain, then loss
+        sz = z if sign > 0 else -z
+        cand = brain & (sz >= grow) & (like >= c["change_lesion_z"]) & (other < c["change_absent_z"])
+        lab, n = ndi.label(cand, structure=st)
+        if n == 0 or not np.isfinite(thr):
+            out.append(np.zeros(z.shape, bool))
+            continue
+        keep = np.bincount(lab[cand & (sz >= thr)], minlength=n + 1) > 0
+        keep &= np.bincount(lab.ravel(), minlength=n + 1) * voxel_volume >= c["min_change_mm3"]
+        keep[0] = False
+        out.append(keep[lab])
+    return out[0], out[1]

@@ -1,0 +1,90 @@
+"""Tests of the image-driven change detector of lesiontrack.track (lesion_z given)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.stats import norm
+
+from lesiontrack.config import load_config
+from lesiontrack.track import TrackingError, track_lesions
+from lesiontrack._track_detect import fdr_threshold
+
+SHAPE = (36, 36, 36)
+GRID = np.indices(SHAPE, dtype=np.float32)
+SIGMA = 0.05                                       # image noise (NAWM = 1.0)
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return dict(load_config()["track"])
+
+
+def ball(c, r):
+    return ((GRID[0] - c[0]) ** 2 + (GRID[1] - c[1]) ** 2 + (GRID[2] - c[2]) ** 2) <= r * r
+
+
+def images(seed, bright0, bright1, contrast=0.5):
+    """Two noisy FLAIR visits, their lesion scores (z against NAWM) and a brain mask."""
+    rng = np.random.default_rng(seed)
+    f = [(1.0 + SIGMA * rng.standard_normal(SHAPE)).astype(np.float32) for _ in range(2)]
+    f[0][bright0] += contrast
+    f[1][bright1] += contrast
+    z = [np.maximum((x - 1.0) / SIGMA, 0).astype(np.float32) for x in f]
+    return f, z, np.ones(SHAPE, bool)
+
+
+def test_fdr_threshold_matches_benjamini_hochberg():
+    rng = np.random.default_rng(0)
+    z = np.concatenate([rng.standard_normal(20000), 6 + rng.standard_normal(200)])
+    thr = fdr_threshold(z, 0.05)
+    p = 2 * norm.sf(np.abs(z))
+    ps = np.sort(p)
+    k = np.flatnonzero(ps <= 0.05 * np.arange(1, p.size + 1) / p.size)[-1]
+    assert np.count_nonzero(np.abs(z) >= thr) == k + 1
+    assert fdr_threshold(rng.standard_normal(1000) * 0.1, 0.05) == np.inf
+
+
+def test_missed_new_and_vanished_lesions_are_detected(cfg):
+    """Lesions absent from both masks but visible in the images are tracked and drawn."""
+    stays, new, gone = ball((10, 10, 10), 4), ball((26, 26, 10), 3), ball((10, 26, 26), 3)
+    f, z, brain = images(0, stays | gone, stays | new)
+    masks = [stays.copy(), stays.copy()]            # the segmentation missed new and gone
+    tr = track_lesions(masks, (1, 1, 1), cfg, flair=f, brain_mask=brain, lesion_z=z)
+    ch = tr.change[1]
+    assert (ch[new] == 1).mean() > 0.8 and (ch[gone] == 2).mean() > 0.8
+    assert not ch[ball((10, 10, 10), 3)].any()
+    lid = int(tr.labels[1][26, 26, 10])
+    row = tr.events[(tr.events.lesion_id == lid) & (tr.events.session_index == 1)]
+    assert lid > 0 and row.status.iloc[0] == "new"
+    # outside the true changes nothing is drawn
+    assert not ch[~ball((26, 26, 10), 5) & ~ball((10, 26, 26), 5)].any()
+    # without lesion scores the masks decide, as before: nothing changed
+    tr0 = track_lesions(masks, (1, 1, 1), cfg, flair=f, brain_mask=brain)
+    assert not tr0.change[1].any()
+
+
+def test_no_change_no_detection(cfg):
+    """Stable lesions and pure noise give no detected change (FDR control)."""
+    les = ball((12, 12, 12), 5) | ball((24, 24, 24), 4)
+    f, z, brain = images(3, les, les)
+    tr = track_lesions([les, les], (1, 1, 1), cfg, flair=f, brain_mask=brain, lesion_z=z)
+    assert not tr.change[1].any()
+    assert tr.intervals[["new", "enlarging", "shrinking", "resolved"]].to_numpy().sum() == 0
+
+
+def test_faint_change_outside_lesion_tissue_is_ignored(cfg):
+    """A significant increase in tissue that is not lesion-like at either visit is no lesion."""
+    region = ball((18, 18, 18), 4)
+    f, z, brain = images(4, np.zeros(SHAPE, bool), region, contrast=0.12)   # z ~ 2.4 at visit 1
+    empty = np.zeros(SHAPE, bool)
+    tr = track_lesions([empty, empty], (1, 1, 1), cfg, flair=f, brain_mask=brain, lesion_z=z)
+    assert not tr.change[1].any()
+
+
+def test_lesion_z_checks(cfg):
+    m = [ball((18, 18, 18), 3)] * 2
+    f, z, brain = images(5, m[0], m[1])
+    with pytest.raises(TrackingError, match="lesion_z"):
+        track_lesions(m, (1, 1, 1), cfg, flair=f, brain_mask=brain, lesion_z=z[:1])
+    with pytest.raises(TrackingError, match="change_fdr_q"):
+        track_lesions(m, (1, 1, 1), dict(cfg, change_fdr_q=1.5), flair=f, brain_mask=brain, lesion_z=z)
