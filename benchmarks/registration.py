@@ -101,8 +101,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-ants", action="store_true", help="skip ANTsPy")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="SimpleITK threads for lesiontrack (default: the pipeline config's, 1 = "
+                         "reproducible; 0 = all cores, as ANTs uses)")
     args = ap.parse_args(argv)
     cfg = load_config()["registration"]
+    if args.threads is not None:
+        cfg["threads"] = args.threads
+    print(f"lesiontrack registration threads: {cfg['threads']} (0 = all cores)")
     fixed, moving, t_true, pts = make_pair()
     lt_times, lt_cpu, lt_err = [], [], None
     for _ in range(args.repeats):

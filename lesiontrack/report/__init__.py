@@ -45,7 +45,10 @@ def _save(fig, path: Path, cfg) -> Path:
     if path.suffix.lower() == ".png":
         return write_bytes(path, png_bytes(fig, float(cfg["dpi"]), int(cfg["png_colors"])))
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format=path.suffix[1:].lower(), dpi=float(cfg["dpi"]), facecolor="white")
+        fmt = path.suffix[1:].lower()
+        # no creation date: the same inputs give byte-identical figures
+        meta = {"CreationDate": None} if fmt == "pdf" else ({"Date": None} if fmt == "svg" else None)
+        fig.savefig(tmp, format=fmt, dpi=float(cfg["dpi"]), facecolor="white", metadata=meta)
     return path
 
 
