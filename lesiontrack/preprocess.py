@@ -21,6 +21,7 @@ import SimpleITK as sitk
 from scipy import ndimage as ndi
 
 from . import sitk_bridge
+from ._reg_core import sitk_threads
 from ._seg_atlas import LOCATION_NAMES, load_templates, location_map, register_template
 from ._seg_stats import tissue_peak
 from .image import Image
@@ -120,7 +121,8 @@ def prepare_subject(grid_images: dict, cfg: dict) -> Priors:
     ref = grid_images[order[0]]
     ss = cfg["skullstripped"]
     skullstripped = detect_skullstripped(ref, cfg) if ss == "auto" else bool(ss)
-    transform = register_template(ref, skullstripped, cfg)
+    with sitk_threads(int(cfg["threads"])):   # threads = 1: byte-identical reruns
+        transform = register_template(ref, skullstripped, cfg)
     res = int(cfg["template_resolution"])
     tmpl = load_templates(res)
 
