@@ -5,6 +5,7 @@ Dask worker process; everything else runs in the process that drives the cohort.
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -12,6 +13,8 @@ import traceback
 from pathlib import Path
 
 from ._cohort_files import CohortError, clean_temp_files, write_crash_log
+
+log = logging.getLogger(__name__)
 
 __all__ = ["CohortError", "parse_memory", "available_cpus", "make_client", "run_one",
            "thread_env", "slurm_cluster", "PROGRESS_TOPIC", "SLURM_KEYS"]
@@ -151,8 +154,11 @@ def _threads_by_host(client) -> dict:
 
 
 def make_client(*, n_subjects: int, nprocs=None, mem=None, scheduler=None, cluster=None,
-                cluster_options=None):
+                cluster_options=None, omp_nthreads=None):
     """Connect to (or start) the Dask cluster for a cohort run.
+
+    ``omp_nthreads`` (local cluster only) sets the threads of each worker's subject;
+    by default the CPUs are shared out: CPUs // ``nprocs``.
 
     Returns
     -------
@@ -175,6 +181,8 @@ def make_client(*, n_subjects: int, nprocs=None, mem=None, scheduler=None, clust
                           f"cluster, not both (got scheduler={scheduler!r}, cluster={cluster!r})")
     if nprocs is not None and (not isinstance(nprocs, int) or nprocs < 1):
         raise CohortError(f"nprocs must be a positive integer, got {nprocs!r}")
+    if omp_nthreads is not None and (not isinstance(omp_nthreads, int) or omp_nthreads < 1):
+        raise CohortError(f"omp_nthreads must be a positive integer, got {omp_nthreads!r}")
     mem_bytes = parse_memory(mem)
     cpus = available_cpus()
     if scheduler is not None:
@@ -207,7 +215,10 @@ def make_client(*, n_subjects: int, nprocs=None, mem=None, scheduler=None, clust
     if per_worker is not None and per_worker < _MIN_WORKER_MEMORY:
         raise CohortError(f"mem={mem!r} leaves {per_worker // 1024**2} MB per worker for "
                           f"nprocs={nprocs}; a worker needs several GB (bare numbers are MB)")
-    threads = max(1, cpus // nprocs)
+    threads = max(1, cpus // nprocs) if omp_nthreads is None else omp_nthreads
+    if nprocs * threads > cpus:
+        log.warning("%d worker(s) x %d thread(s) exceed the %d CPU(s) available", nprocs,
+                    threads, cpus)
     local = _local_cluster(nprocs, threads, per_worker, options)
     desc = (f"local Dask cluster: {nprocs} worker process(es) x {threads} thread(s)"
             + (f", {per_worker / 1024**3:.1f} GB each" if per_worker else ""))

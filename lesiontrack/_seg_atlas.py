@@ -120,7 +120,7 @@ def register_template(fixed: Image, skullstripped: bool, cfg: dict) -> sitk.Tran
     stage, each multi-resolution. On images with skull, the metric is restricted
     to the template brain (the template is skull-stripped).
     """
-    t = load_templates(int(cfg["template_resolution"]))
+    t = load_templates(int(cfg.get("registration_template_resolution", cfg["template_resolution"])))
     tmpl = t["T1w"].with_data(t["T1w"].data * (t["brain"].data > 0.5))   # brain only
     f = _coarse(sitk.Cast(sitk_bridge.to_sitk(fixed, np.float32), sitk.sitkFloat32),
                 float(cfg["registration_voxel_mm"]))

@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     grp = run.add_argument_group("execution (Dask)")
     grp.add_argument("--nprocs", "--n-procs", "--n_procs", dest="nprocs", type=int, default=None,
                      help="local worker processes (default: as many as cores and memory allow)")
+    grp.add_argument("--omp-nthreads", "--omp_nthreads", dest="omp_nthreads", type=int, default=None,
+                     help="threads per local worker (default: cores / nprocs)")
     grp.add_argument("--mem", "--mem-gb", "--mem_gb", dest="mem", type=float, default=None,
                      help="memory limit in GB for the local cluster")
     grp.add_argument("--scheduler", default=None, metavar="tcp://HOST:PORT",
@@ -148,7 +150,7 @@ def _run(args, cfg) -> int:
     rows = cohort.run_participants(
         args.bids_dir, args.output_dir, cfg, participant_labels=_labels(args.participant_label),
         session_labels=_labels(args.session_label), bids_filter=filt, nprocs=args.nprocs, mem=args.mem,
-        scheduler=args.scheduler, cluster=None if args.cluster == "local" else args.cluster,
+        omp_nthreads=args.omp_nthreads, scheduler=args.scheduler, cluster=None if args.cluster == "local" else args.cluster,
         cluster_options=cluster_options, force=args.force, stop_on_first_crash=args.stop_on_first_crash,
         lesion_mask_dir=args.lesion_masks)
     failed = [r for r in rows if r["status"] == "failed"]

@@ -113,8 +113,8 @@ def _failed_task(output_dir, subject, exc) -> dict:
 
 
 def run_participants(bids_dir, output_dir, cfg, *, participant_labels=None, session_labels=None,
-                     bids_filter=None, nprocs=None, mem=None, scheduler=None, cluster=None,
-                     cluster_options=None, force=False, stop_on_first_crash=False,
+                     bids_filter=None, nprocs=None, mem=None, omp_nthreads=None, scheduler=None,
+                     cluster=None, cluster_options=None, force=False, stop_on_first_crash=False,
                      progress=True, lesion_mask_dir=None) -> list[dict]:
     """Process many subjects on Dask; skip finished ones; isolate failures.
 
@@ -136,6 +136,9 @@ def run_participants(bids_dir, output_dir, cfg, *, participant_labels=None, sess
     mem : str or float, optional
         Memory for the local cluster (``"16GB"``, or a number of GB), shared equally
         between its workers; each worker is held to its share.
+    omp_nthreads : int, optional
+        Threads of each local worker's subject (SimpleITK, BLAS, output compression);
+        default CPUs // ``nprocs``.
     scheduler : str, optional
         ``"tcp://HOST:PORT"`` of a running Dask scheduler; its workers must see
         ``bids_dir`` and ``output_dir`` at the same paths and have lesiontrack installed.
@@ -200,7 +203,7 @@ def run_participants(bids_dir, output_dir, cfg, *, participant_labels=None, sess
     if todo:
         _run_on_dask(todo, rows, show, bids_dir, output_dir, cfg, sessions,
                      dict(nprocs=nprocs, mem=mem, scheduler=scheduler, cluster=cluster,
-                          cluster_options=cluster_options),
+                          cluster_options=cluster_options, omp_nthreads=omp_nthreads),
                      stop_on_first_crash,
                      {"lesion_mask_dir": lesion_mask_dir} if lesion_mask_dir else {})
     show.close()

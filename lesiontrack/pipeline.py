@@ -12,7 +12,7 @@ import logging
 import os
 import platform
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -304,16 +304,27 @@ def run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None, prog
 class _Writer:
     """Writes images in background threads while the pipeline goes on.
 
-    zlib releases the GIL, so compressing outputs overlaps with computation. Each
-    write is atomic; :meth:`wait` re-raises the first failure.
+    zlib releases the GIL, so compressing outputs overlaps with computation. The
+    pipeline's own thread counts against the CPU budget: with one CPU (a cohort worker
+    given one thread) images are written at once, in the calling thread. Each write is
+    atomic; :meth:`wait` re-raises the first failure.
     """
 
     def __init__(self):
-        self.pool = ThreadPoolExecutor(max_workers=_io_threads())
+        n = _io_threads()
+        self.pool = ThreadPoolExecutor(max_workers=n) if n > 0 else None
         self.pending = []
 
     def save(self, img: Image, path):
-        self.pending.append(self.pool.submit(save_image, img, path))
+        if self.pool is None:
+            fut = Future()
+            try:
+                fut.set_result(save_image(img, path))
+            except Exception as exc:  # re-raised by wait(), as from a thread
+                fut.set_exception(exc)
+            self.pending.append(fut)
+        else:
+            self.pending.append(self.pool.submit(save_image, img, path))
 
     def wait(self) -> list:
         try:
@@ -322,7 +333,8 @@ class _Writer:
             self.pending = []
 
     def close(self):
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _preproc_path(out, subject, session, mod):
@@ -332,7 +344,8 @@ def _preproc_path(out, subject, session, mod):
 
 
 def _io_threads() -> int:
-    """Threads for compressing outputs: the CPUs this process may use, capped at 4."""
+    """Background threads for compressing outputs: the CPUs this process may use (capped
+    by ``OMP_NUM_THREADS``, which cohort workers set) less the pipeline's own, at most 3."""
     try:
         n = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not on Linux
@@ -340,7 +353,7 @@ def _io_threads() -> int:
     limit = os.environ.get("OMP_NUM_THREADS", "")
     if limit.isdigit() and int(limit) > 0:
         n = min(n, int(limit))
-    return max(1, min(4, n))
+    return max(0, min(3, n - 1))
 
 
 def _ref(images: dict) -> str:

@@ -94,9 +94,9 @@ def _check_cfg(cfg: dict):
     if int(cfg["location_map_resolution"]) not in (1, 2):
         raise PreprocessError(f"[preprocess] location_map_resolution must be 1 or 2 (mm), got "
                               f"{cfg['location_map_resolution']!r}")
-    if int(cfg["template_resolution"]) not in (1, 2):
-        raise PreprocessError(f"[preprocess] template_resolution must be 1 or 2 (mm), got "
-                              f"{cfg['template_resolution']!r}")
+    for key in ("template_resolution", "registration_template_resolution"):
+        if int(cfg[key]) not in (1, 2):
+            raise PreprocessError(f"[preprocess] {key} must be 1 or 2 (mm), got {cfg[key]!r}")
 
 
 def prepare_subject(grid_images: dict, cfg: dict) -> Priors:
@@ -147,25 +147,43 @@ def prepare_subject(grid_images: dict, cfg: dict) -> Priors:
 
 
 def n4_correct(data: np.ndarray, mask: np.ndarray, spacing, cfg: dict) -> np.ndarray:
-    """N4 bias-field correction fitted on a shrunk image, applied at full resolution.
+    """N4 bias-field correction fitted on a subsampled image, applied at full resolution.
 
-    ``cfg`` keys: ``n4_fit_voxel_mm`` (the fit runs on the image shrunk to about
-    this voxel size; the field is smooth, so a coarse fit loses nothing),
+    ``cfg`` keys: ``n4_fit_voxel_mm`` (the fit runs on every n-th voxel, about this
+    voxel size; the field is smooth, so a coarse fit loses nothing),
     ``n4_iterations`` (per fitting level), ``n4_convergence``, ``threads``.
+
+    The arrays go to SimpleITK without reordering (a diagonal index-space geometry with
+    the spacing reversed), so no full-size copy is made on the way in or out.
     """
-    aff = np.diag([*map(float, spacing), 1.0])
-    img = sitk_bridge.to_sitk(Image(np.maximum(data, 0).astype(np.float32), aff))
-    msk = sitk_bridge.to_sitk(Image(mask.astype(np.uint8), aff, is_label=True))
+    sp = np.asarray(spacing, dtype=np.float64)
     fit_mm = float(cfg["n4_fit_voxel_mm"])
-    shrink = [max(1, int(round(fit_mm / float(s)))) for s in spacing]
+    shrink = np.array([max(1, int(round(fit_mm / s))) for s in sp])
+    first = shrink // 2                                      # centre of the first block
+    sl = tuple(slice(int(o), None, int(k)) for o, k in zip(first, shrink))
+    small = np.ascontiguousarray(np.maximum(data[sl], 0), dtype=np.float32)
+    small_mask = np.ascontiguousarray(mask[sl], dtype=np.uint8)
+
+    def geometry(simg, spacing_xyz, origin_xyz):
+        simg.SetSpacing(tuple(float(v) for v in spacing_xyz[::-1]))
+        simg.SetOrigin(tuple(float(v) for v in origin_xyz[::-1]))
+        return simg
+
+    origin = first * sp
+    img = geometry(sitk.GetImageFromArray(small), sp * shrink, origin)
+    msk = geometry(sitk.GetImageFromArray(small_mask), sp * shrink, origin)
     corr = sitk.N4BiasFieldCorrectionImageFilter()
     if int(cfg["threads"]) > 0:  # one thread: reruns are byte-identical (and N4 gains little from more here)
         corr.SetNumberOfThreads(int(cfg["threads"]))
     corr.SetMaximumNumberOfIterations([int(i) for i in cfg["n4_iterations"]])
     corr.SetConvergenceThreshold(float(cfg["n4_convergence"]))
-    corr.Execute(sitk.Shrink(img, shrink), sitk.Shrink(msk, shrink))
-    logf = sitk_bridge.from_sitk(corr.GetLogBiasFieldAsImage(img)).data
-    return (data / np.exp(logf)).astype(np.float32)
+    corr.Execute(img, msk)
+    ref = geometry(sitk.Image([int(n) for n in data.shape[::-1]], sitk.sitkUInt8), sp, np.zeros(3))
+    out = sitk.GetArrayFromImage(corr.GetLogBiasFieldAsImage(ref))   # same axis order as data
+    np.negative(out, out=out)
+    np.exp(out, out=out)
+    out *= data
+    return out.astype(np.float32, copy=False)
 
 
 def preprocess_session(images: dict, priors: Priors, spacing, cfg: dict) -> dict:
