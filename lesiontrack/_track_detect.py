@@ -48,8 +48,61 @@ def fdr_threshold(z: np.ndarray, q: float) -> float:
     return float(a[ok[-1]]) if ok.size else float("inf")
 
 
+def _gradient_magnitude(img: np.ndarray, spacing) -> np.ndarray:
+    """|grad| (intensity per mm) of ``img`` after a one-voxel Gaussian, float32."""
+    out = np.zeros(img.shape, np.float32)
+    for ax in range(3):                                  # loop over the three axes
+        order = [0, 0, 0]
+        order[ax] = 1
+        d = ndi.gaussian_filter(img, 1.0, order=order, output=np.float32)
+        d *= np.float32(1.0 / float(spacing[ax]))
+        out += d * d
+    return np.sqrt(out, out=out)
+
+
+def noise_model(diff: np.ndarray, mean_img: np.ndarray, region: np.ndarray, spacing,
+                n_bins: int = 20):
+    """Voxel-wise noise SD of a difference image: ``sqrt(s0^2 + (delta |grad|)^2)``.
+
+    Besides the acquisition noise ``s0``, a residual misalignment of ``delta`` mm
+    between the visits changes the difference by about ``delta`` times the local
+    intensity gradient, so edges of the ventricles and the cortex are noisier than
+    white matter. Both terms are fitted to the data: the robust variance (1.4826
+    MAD, squared) of the difference in ``n_bins`` quantile bins of the gradient
+    magnitude over ``region`` (brain outside lesions), by least squares on
+    ``var = s0^2 + delta^2 g^2``.
+
+    Returns
+    -------
+    sd : ndarray (float32)
+    s0, delta : float
+        Noise SD (intensity units) and misalignment (mm).
+    """
+    g = _gradient_magnitude(np.asarray(mean_img, dtype=np.float32), spacing)
+    gv, dv = g[region], diff[region]
+    step = max(1, gv.size // 400_000)
+    gv, dv = gv[::step], dv[::step]
+    order = np.argsort(gv, kind="stable")
+    gv, dv = gv[order], dv[order]
+    bins = np.array_split(np.arange(gv.size), n_bins)
+    x = np.array([np.median(gv[b]) for b in bins])           # loop over 20 bins
+    v = np.array([(1.4826 * np.median(np.abs(dv[b] - np.median(dv[b])))) ** 2 for b in bins])
+    a = np.stack([np.ones_like(x), x * x], axis=1)
+    coef = np.linalg.lstsq(a, v, rcond=None)[0]
+    if coef[1] <= 0:                                     # no gradient term: one SD everywhere
+        s0, delta = float(np.sqrt(max(np.median(v), 1e-12))), 0.0
+    else:
+        s0 = float(np.sqrt(max(coef[0], np.min(v) * 0.25, 1e-12)))
+        delta = float(np.sqrt(coef[1]))
+    g *= np.float32(delta)
+    g *= g
+    g += np.float32(s0 * s0)
+    return np.sqrt(g, out=g), s0, delta
+
+
 def detect_change(ev, z_prev: np.ndarray, z_cur: np.ndarray, brain: np.ndarray,
-                  connectivity: int, voxel_volume: float, c: dict):
+                  connectivity: int, voxel_volume: float, c: dict, f_prev=None, f_cur=None,
+                  spacing=None):
     """Regions of significant gain and loss of lesion signal (see module notes).
 
     Parameters
@@ -67,12 +120,28 @@ def detect_change(ev, z_prev: np.ndarray, z_cur: np.ndarray, brain: np.ndarray,
     c : dict
         Checked ``[track]`` settings (``change_fdr_q``, ``change_lesion_z``,
         ``change_absent_z``, ``min_intensity_z``, ``min_change_mm3``).
+    f_prev, f_cur : ndarray, optional
+        The two normalised images. Given (with ``spacing``), voxels without data at
+        either visit (outside a field of view, and one voxel inside its edge) are not
+        searched, and the noise SD follows :func:`noise_model` (edges, where a
+        residual misalignment changes the difference, need more change).
+    spacing : sequence of 3 float, optional
 
     Returns
     -------
     gain, loss : ndarray of bool
     """
-    z = (ev.diff - np.float32(ev.offset)) * np.float32(1.0 / ev.sigma)
+    z = ev.diff - np.float32(ev.offset)
+    if f_prev is not None and f_cur is not None and spacing is not None:
+        both = (np.asarray(f_prev) > 0) & (np.asarray(f_cur) > 0)
+        brain = brain & ndi.binary_erosion(both, ndi.generate_binary_structure(3, 1))
+        mean = np.asarray(f_prev, dtype=np.float32) + np.asarray(f_cur, dtype=np.float32)
+        mean *= np.float32(0.5)
+        sd, _, _ = noise_model(z, mean, brain & ev.noise_region, spacing)
+        del mean
+        z /= sd
+    else:
+        z *= np.float32(1.0 / ev.sigma)
     thr = fdr_threshold(z[brain], c["change_fdr_q"])
     grow = max(c["min_intensity_z"], 0.0)
     st = ndi.generate_binary_structure(3, connectivity)

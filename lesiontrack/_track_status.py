@@ -125,6 +125,7 @@ class DifferenceEvidence:
             # normalised Gaussian average of the difference over the region
             sig = [background_mm / float(sp) for sp in spacing]
             self.diff -= _background(self.diff, region, sig)
+        self.noise_region = region if crop is None else None   # brain outside lesions
         vals = self.diff[region]
         if vals.size < 100:
             raise ValueError(f"too few brain voxels outside lesions ({vals.size}) to estimate "
@@ -150,16 +151,23 @@ class DifferenceEvidence:
 
     def zscore(self, lab: np.ndarray, n: int) -> np.ndarray:
         """Score (see Notes) of the difference over each label 1..n (NaN where empty)."""
+        return self.scores(lab, n)[0]
+
+    def scores(self, lab: np.ndarray, n: int):
+        """Per label 1..n (NaN where empty): the region's score (see Notes) and its
+        effect size, the median difference in units of the voxel noise ``sigma``."""
         out = np.full(n + 1, np.nan)
+        eff = np.full(n + 1, np.nan)
         sel = lab > 0
         if n == 0 or not sel.any():
-            return out
+            return out, eff
         l1 = lab[sel]
         present, count = np.unique(l1, return_counts=True)
         med = np.asarray(ndi.median(self.diff[sel], labels=l1, index=present), dtype=np.float64)
         n_eff = np.maximum(count / self.resel, 1.0)
-        out[present] = (med - self.offset) * np.sqrt(n_eff) / (1.2533 * self.sigma)
-        return out
+        eff[present] = (med - self.offset) / self.sigma
+        out[present] = eff[present] * np.sqrt(n_eff) / 1.2533
+        return out, eff
 
 
 def _robust_sd(vals, centre) -> float:

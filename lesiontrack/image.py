@@ -110,8 +110,27 @@ class Image:
         return ijk @ self.affine[:3, :3].T + self.affine[:3, 3]
 
     def to_nifti(self, dtype=None) -> nib.Nifti1Image:
-        data = self.data if dtype is None else self.data.astype(dtype, copy=False)
+        """A NIfTI-1 image (qform = sform = the affine, mm units).
+
+        A float image given a signed integer ``dtype`` is stored scaled: ``scl_slope``
+        = max |value| / the dtype's maximum, ``scl_inter`` = 0 (zero stays exactly zero);
+        label maps are cast.
+        """
+        scaled = (dtype is not None and not self.is_label
+                  and np.issubdtype(np.dtype(dtype), np.signedinteger)
+                  and np.issubdtype(self.data.dtype, np.floating))
+        slope = 1.0
+        if scaled:
+            top = float(np.max(np.abs(self.data))) if self.data.size else 0.0
+            slope = top / np.iinfo(dtype).max if top > 0 and np.isfinite(top) else 1.0
+            if not np.isfinite(top):
+                raise ImageError(f"{self.source}: non-finite values cannot be stored as {np.dtype(dtype)}")
+            data = np.rint(self.data * np.float32(1.0 / slope)).astype(dtype)
+        else:
+            data = self.data if dtype is None else self.data.astype(dtype, copy=False)
         img = nib.Nifti1Image(data, self.affine)
+        if scaled:
+            img.header.set_slope_inter(slope, 0.0)
         img.set_qform(self.affine, code=1)
         img.set_sform(self.affine, code=1)
         img.header.set_xyzt_units("mm", "sec")
@@ -334,7 +353,8 @@ def save_image(img: Image, path, dtype=None) -> Path:
     """Write ``img`` to ``path`` atomically (temporary file, then rename).
 
     Label maps are written as uint8 (int32 when values exceed 255); other images
-    as float32 unless ``dtype`` says otherwise.
+    as float32 unless ``dtype`` says otherwise (an integer ``dtype`` for a float image
+    stores it scaled: see :meth:`Image.to_nifti`).
     """
     path = Path(path)
     if dtype is None:

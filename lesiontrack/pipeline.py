@@ -219,8 +219,10 @@ def run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None, prog
     for sid in sids:  # free each session's raw resampled arrays as soon as they are preprocessed
         pre[sid] = preprocess.preprocess_session(aligned.pop(sid), priors, spacing, cfg["preprocess"])
         for mod, arr in pre[sid].items():  # compressed in the background from here on
+            # scaled int16 (as scanners write): a step of 1/65535 of the image's range, far
+            # below its noise, at half the size and compression time of float32
             writer.save(grid.with_data(arr.astype(np.float32, copy=False)),
-                        _preproc_path(output_dir, subject, sid, mod))
+                        _preproc_path(output_dir, subject, sid, mod), np.int16)
     timing["preprocess_s"] = time.perf_counter() - t0
 
     # 5. segmentation --------------------------------------------------------------
@@ -315,16 +317,16 @@ class _Writer:
         self.pool = ThreadPoolExecutor(max_workers=n) if n > 0 else None
         self.pending = []
 
-    def save(self, img: Image, path):
+    def save(self, img: Image, path, dtype=None):
         if self.pool is None:
             fut = Future()
             try:
-                fut.set_result(save_image(img, path))
+                fut.set_result(save_image(img, path, dtype))
             except Exception as exc:  # re-raised by wait(), as from a thread
                 fut.set_exception(exc)
             self.pending.append(fut)
         else:
-            self.pending.append(self.pool.submit(save_image, img, path))
+            self.pending.append(self.pool.submit(save_image, img, path, dtype))
 
     def wait(self) -> list:
         try:

@@ -39,7 +39,7 @@ EVENT_COLUMNS = ["lesion_id", "session_index", "status", "merged_into", "split_f
 _KEYS = {"connectivity": int, "min_overlap_voxels": int, "min_change_mm3": float,
          "size_boundary_mm3": float, "enlarge_rel_small": float, "enlarge_rel_large": float,
          "boundary_shift_voxels": float, "mdc_z": float, "min_intensity_z": float,
-         "background_mm": float, "baseline_status": str,
+         "min_voxel_change_z": float, "background_mm": float, "baseline_status": str,
          "merged_status": str, "remember_resolved": bool, "change_fdr_q": float,
          "change_lesion_z": float, "change_absent_z": float}
 
@@ -89,7 +89,7 @@ def _check_cfg(cfg: dict) -> dict:
         raise TrackingError(f"[track] connectivity must be 1, 2 or 3 (6-, 18-, 26-neighbourhood), "
                             f"got {cfg['connectivity']}")
     for k in ("min_change_mm3", "size_boundary_mm3", "enlarge_rel_small", "enlarge_rel_large",
-              "boundary_shift_voxels", "mdc_z", "min_intensity_z", "background_mm",
+              "boundary_shift_voxels", "mdc_z", "min_intensity_z", "min_voxel_change_z", "background_mm",
               "change_lesion_z", "change_absent_z"):
         if not out[k] >= 0:
             raise TrackingError(f"[track] {k} must be >= 0, got {cfg[k]}")
@@ -261,7 +261,8 @@ def _add_detected_change(masks, flair, lesion_z, brain, spacing, c):
         ev = DifferenceEvidence(flair[t - 1], flair[t], brain, masks[t - 1] | masks[t], spacing,
                                 c["background_mm"])
         gain, loss = detect_change(ev, np.asarray(lesion_z[t - 1]), np.asarray(lesion_z[t]),
-                                   brain, c["connectivity"], vv, c)
+                                   brain, c["connectivity"], vv, c, f_prev=flair[t - 1],
+                                   f_cur=flair[t], spacing=spacing)
         masks[t] |= gain
         detected[t] = (gain, loss)
     return masks, detected
@@ -329,7 +330,8 @@ def _step(t, prev: _State, lab, n, mask, ev, memory, first_seen, next_id, c, vv,
     vanished[0] = False
     new_ok = vol1 >= c["min_change_mm3"]
     if ev is not None:                         # a new lesion must be new in the images
-        new_ok &= ev.zscore(np.where(is_cand[lab], lab, 0), n) >= c["min_intensity_z"]
+        z_new, eff_new = ev.scores(np.where(is_cand[lab], lab, 0), n)
+        new_ok &= (z_new >= c["min_intensity_z"]) & (eff_new >= c["min_voxel_change_z"])
     if det is not None:                        # or hold a detected gain of its own
         det_gain, det_loss = det
         new_ok |= np.bincount(lab[det_gain & ~prev.mask], minlength=n + 1) * vv >= c["min_change_mm3"]
@@ -410,16 +412,19 @@ def _confirmed(cand: np.ndarray, sign: int, ev, c: dict, vv: float) -> np.ndarra
     """Voxels of ``cand`` in connected components that are a detectable change.
 
     A component counts when its volume reaches ``min_change_mm3`` and, with FLAIR
-    evidence, its FLAIR change has the right sign (``sign``) and a score of at least
-    ``min_intensity_z``.
+    evidence, its FLAIR change has the right sign (``sign``), a score of at least
+    ``min_intensity_z`` (significance) and a median change of at least
+    ``min_voxel_change_z`` voxel noise SDs (size: a large region drifting slightly
+    is significant without any voxel having changed lesion status).
     """
     lab, k = label_components(cand, c["connectivity"])
     if k == 0:
         return cand
     ok = np.bincount(lab.ravel(), minlength=k + 1) * vv >= c["min_change_mm3"]
     if ev is not None:
-        z = sign * ev.zscore(lab, k)
-        z[~np.isfinite(z)] = 0.0
+        z, eff = ev.scores(lab, k)
+        z, eff = np.nan_to_num(sign * z), np.nan_to_num(sign * eff)
+        ok &= eff >= c["min_voxel_change_z"]
         thr = c["min_intensity_z"]
         if c["change_fdr_q"] > 0 and ok[1:].any():
             # every candidate region is a test: one-sided Benjamini-Hochberg over them

@@ -94,6 +94,25 @@ def test_save_and_load_round_trip(tmp_path):
     assert hdr.get_xyzt_units()[0] == "mm"
 
 
+def test_float_image_saved_as_scaled_int16(tmp_path):
+    """Preprocessed images are stored as scaled int16: zero stays zero, the error is at
+    most half a step of max|x| / 32767, and the file reads back as float32."""
+    rng = np.random.default_rng(3)
+    data = rng.normal(1.0, 0.5, (9, 8, 7)).astype(np.float32)
+    data[:2] = 0.0
+    path = save_image(Image(data, _oblique_affine()), tmp_path / "x.nii.gz", np.int16)
+    nimg = nib.load(str(path))
+    assert nimg.get_data_dtype() == np.int16 and nimg.dataobj.inter == 0.0
+    back = load_image(path)
+    assert back.data.dtype == np.float32
+    step = np.abs(data).max() / 32767
+    assert np.abs(back.data - data).max() <= 0.5 * step * 1.001
+    assert np.all(back.data[:2] == 0.0)
+    with pytest.raises(ImageError, match="non-finite"):
+        save_image(Image(np.full((3, 3, 3), np.inf, np.float32), np.eye(4)), tmp_path / "y.nii.gz",
+                   np.int16)
+
+
 def test_label_maps_saved_as_integers(tmp_path):
     aff = np.diag([2.0, 2.0, 2.0, 1.0])
     small = Image(np.array([0, 1, 5] * 9).reshape(3, 3, 3), aff, is_label=True)
