@@ -228,8 +228,12 @@ def run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None, prog
     # 5. segmentation --------------------------------------------------------------
     _step(progress, "segment", 5, n_steps)
     t0 = time.perf_counter()
+    # one set of tissue widths for all visits: every visit is thresholded alike
+    widths = (segment.pooled_widths([pre[sid] for sid in sids], priors, cfg["segment"])
+              if cfg["segment"]["pool_sessions"] else None)
     masks = [segment.segment_session(pre[sid], priors, spacing, cfg["segment"],
-                                     lesion_mask=ext_aligned.get(sid)) for sid in sids]
+                                     lesion_mask=ext_aligned.get(sid), widths=widths)
+             for sid in sids]
     timing["segment_s"] = time.perf_counter() - t0
 
     # 6. tracking + tables -----------------------------------------------------------
@@ -240,7 +244,7 @@ def run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None, prog
     change_mod = next((m for m in ("FLAIR", "T2w") if all(m in pre[sid] for sid in sids)), None)
     flair = [pre[sid][change_mod] for sid in sids] if change_mod else None
     # per-session lesion evidence (z) lets the tracker confirm change in the images themselves
-    lesion_z = ([segment.lesion_zmap(pre[sid], priors, cfg["segment"]) for sid in sids]
+    lesion_z = ([segment.lesion_zmap(pre[sid], priors, cfg["segment"], widths) for sid in sids]
                 if change_mod else None)
     tr = track.track_lesions([m.lesion for m in masks], spacing, cfg["track"], flair=flair,
                              brain_mask=priors.brain_mask, lesion_z=lesion_z)

@@ -37,6 +37,33 @@ def test_lesions_and_submasks_on_synthetic(subject):
         assert lesion_detection(truth[k], got, spacing=SP)["f1"] >= 0.9, k
 
 
+def test_pooled_widths_threshold_every_visit_alike(subject):
+    """Two visits with the same faint lesions, the second noisier away from them: with
+    each visit's own tissue widths the noisier visit loses most lesion voxels; with the
+    subject's pooled widths both visits give the same lesions."""
+    pre, priors, truth, _ = subject
+    near = ndi.binary_dilation(truth["lesion"], iterations=4)
+    a = dict(pre)
+    for m in ("FLAIR", "T2w"):                     # faint lesions: a quarter of the contrast
+        a[m] = np.where(truth["lesion"], 1 + 0.25 * (pre[m] - 1), pre[m]).astype(np.float32)
+    rng = np.random.default_rng(1)
+    b = dict(a)
+    for m in ("FLAIR", "T2w", "T1w"):
+        b[m] = np.where(priors.brain_mask & ~near, a[m] + rng.normal(0, 0.05, a[m].shape),
+                        a[m]).astype(np.float32)
+    widths = segment.pooled_widths([a, b], priors, CFG["segment"])
+    own = [segment.segment_session(x, priors, SP, CFG["segment"]).lesion & near for x in (a, b)]
+    pooled = [segment.segment_session(x, priors, SP, CFG["segment"], widths=widths).lesion & near
+              for x in (a, b)]
+    assert own[1].sum() < 0.6 * own[0].sum()
+    assert np.array_equal(pooled[0], pooled[1]) and pooled[0].sum() >= 0.8 * own[0].sum()
+    # the pooled widths are the mean of the visits' own
+    t = segment._Tissue(priors.brain_mask, priors.wm_prob, priors.gm_prob, CFG["segment"])
+    t2 = segment._Tissue(priors.brain_mask, priors.wm_prob, priors.gm_prob, CFG["segment"])
+    lo = [t.peak("FLAIR", a["FLAIR"]).sigma_low, t2.peak("FLAIR", b["FLAIR"]).sigma_low]
+    assert widths["FLAIR", "wm"][0] == pytest.approx(np.mean(lo), rel=1e-6)
+
+
 def test_threshold_free_of_intensity_scale(subject):
     """Scaling an input changes nothing: every threshold is relative to the subject's NAWM."""
     pre, priors, _, _ = subject
@@ -149,9 +176,11 @@ def test_real_longitudinal_patient_consistent_volumes():
     assert not priors.skullstripped
     sp = common.spacing
     vols, masks = [], []
+    pre = {ses: preprocess.preprocess_session({"FLAIR": flair[ses]}, priors, sp, CFG["preprocess"])
+           for ses in (1, 2)}
+    widths = segment.pooled_widths(list(pre.values()), priors, CFG["segment"])   # as the pipeline
     for ses in (1, 2):
-        pre = preprocess.preprocess_session({"FLAIR": flair[ses]}, priors, sp, CFG["preprocess"])
-        m = segment.segment_session(pre, priors, sp, CFG["segment"])
+        m = segment.segment_session(pre[ses], priors, sp, CFG["segment"], widths=widths)
         masks.append(m.lesion)
         vols.append(m.lesion.sum() * float(np.prod(sp)))
     print(f"sub-p12 lesion volume: ses-1 {vols[0] / 1000:.2f} mL, ses-2 {vols[1] / 1000:.2f} mL")

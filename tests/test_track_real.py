@@ -43,12 +43,13 @@ def p12():
         flair.append(sitk_bridge.resample(img, grid, xfm).data.astype(np.float32))
     priors = preprocess.prepare_subject({"FLAIR": grid.with_data((flair[0] + flair[1]) / 2)},
                                         cfg["preprocess"])
-    norm, masks, scores = [], [], []
-    for f in flair:
-        pre = preprocess.preprocess_session({"FLAIR": f}, priors, grid.spacing, cfg["preprocess"])
-        norm.append(pre["FLAIR"])
-        masks.append(segment.segment_session(pre, priors, grid.spacing, cfg["segment"]).lesion)
-        scores.append(segment.lesion_zmap(pre, priors, cfg["segment"]))
+    pres = [preprocess.preprocess_session({"FLAIR": f}, priors, grid.spacing, cfg["preprocess"])
+            for f in flair]
+    widths = segment.pooled_widths(pres, priors, cfg["segment"])      # as the pipeline does
+    norm = [pre["FLAIR"] for pre in pres]
+    masks = [segment.segment_session(pre, priors, grid.spacing, cfg["segment"], widths=widths).lesion
+             for pre in pres]
+    scores = [segment.lesion_zmap(pre, priors, cfg["segment"], widths) for pre in pres]
     tr = track_lesions(masks, grid.spacing, cfg["track"], flair=norm, brain_mask=priors.brain_mask,
                        lesion_z=scores)
     change = tr.change[1] > 0
