@@ -10,14 +10,17 @@ lesions nor atlas misregistration move.
 1. *Lesions*. For FLAIR and T2w, a voxel's hyperintensity is the smaller of its
    z-scores against the white- and the grey-matter peak (it must be abnormal for
    either tissue where the atlas allows grey matter). The contrasts are combined
-   by the geometric mean of their z-scores, with T1w hypointensity against NAWM as
-   a third factor when ``use_t1`` (thin T1w slices sharpen the edges of lesions
-   seen on thick FLAIR/T2w slices), so a voxel must be abnormal on every contrast
-   (CSF is bright on T2w but dark on FLAIR). Each lesion's edge lies at
-   ``boundary_fraction`` of its own core score (the partial-volume midpoint). Lesions grow by
-   hysteresis from confident seeds (``seed_z``) through connected voxels above
-   ``grow_z``; components below ``min_lesion_mm3`` and components whose border is
-   mostly CSF or outside the brain (sulcal partial-volume artefacts,
+   by the geometric mean of their z-scores, so a voxel must be abnormal on both
+   (CSF is bright on T2w but dark on FLAIR). Lesions grow by hysteresis from
+   confident seeds (``seed_z``) through connected voxels above ``grow_z``; each
+   lesion's edge lies at ``boundary_fraction`` of its own core score (the
+   partial-volume midpoint). T1w does not decide whether a lesion exists (most MS
+   lesions are T1w-isointense), but with ``use_t1`` a lesion whose core is
+   T1w-hypointense (mean T1w z of its seeds at least ``grow_z``) takes its extent
+   from the geometric mean with the T1w hypointensity z as a third factor, with that
+   score's own hysteresis and edges (thin T1w slices sharpen edges blurred on thick
+   FLAIR/T2w slices). Components below ``min_lesion_mm3`` and components whose border
+   is mostly CSF or outside the brain (sulcal partial-volume artefacts,
    ``max_csf_border``) are dropped.
 2. *Restricted diffusion*: lesion voxels with ADC below ``adc_max_restricted``
    (mm^2/s) and bright on b1000 relative to NAWM.
@@ -150,10 +153,7 @@ def lesion_score(images: dict, brain, tissue: _Tissue, use_t1: bool = False,
         raise SegmentError("lesion segmentation needs FLAIR or T2w; neither is present "
                            "(give an external lesion mask instead)")
     if use_t1 and "T1w" in images:
-        p = tissue.peak("T1w", images["T1w"], "wm")
-        z1 = np.float32(p.mode) - images["T1w"]
-        z1 *= np.float32(1.0 / p.sigma_high)
-        zs.append(np.maximum(z1, 0, out=z1))
+        zs.append(_t1_hypo_z(images, tissue))
     score = zs[0]
     for z in zs[1:]:
         if cap:      # T2w-bright and T1w-dark also fit CSF: only FLAIR tells them apart
@@ -174,24 +174,62 @@ def _neighbour_offsets(shape, connectivity):
     return d @ strides
 
 
-def _segment_lesions(images, brain, location, tissue, spacing, cfg) -> np.ndarray:
-    score = lesion_score(images, brain, tissue, bool(cfg["use_t1"]),
-                         bool(cfg["cap_by_flair"]) and "FLAIR" in images)
-    conn = int(cfg["connectivity"])
-    # hysteresis: components of {score > grow_z} that contain a seed (score > seed_z)
-    lab, n = ndi.label(score > float(cfg["grow_z"]), structure=ndi.generate_binary_structure(3, conn))
-    if n == 0:
-        return np.zeros(brain.shape, bool)
-    seeds = score > float(cfg["seed_z"])
+def _t1_hypo_z(images, tissue) -> np.ndarray:
+    """T1w hypointensity z against the NAWM peak (clipped at 0)."""
+    p = tissue.peak("T1w", images["T1w"], "wm")
+    z1 = np.float32(p.mode) - images["T1w"]
+    z1 *= np.float32(1.0 / p.sigma_high)
+    return np.maximum(z1, 0, out=z1)
+
+
+def _core_level(score, lab, n, seeds, fraction, floor):
+    """Per component: the mean score of its seed voxels (its own contrast) and the edge
+    level at ``fraction`` of it (the partial-volume midpoint for 0.5), at least ``floor``."""
     seed_lab = lab[seeds]
     n_seed = np.bincount(seed_lab, minlength=n + 1)
-    keep = n_seed > 0
-    # boundary at a fraction of each lesion's own contrast (the partial-volume midpoint for
-    # 0.5): per component, the mean score of its seed voxels sets the level
     core = np.bincount(seed_lab, weights=score[seeds], minlength=n + 1) / np.maximum(n_seed, 1)
-    level = np.maximum(float(cfg["boundary_fraction"]) * core, float(cfg["grow_z"])).astype(np.float32)
+    level = np.maximum(fraction * core, floor).astype(np.float32)
     level[0] = np.inf
+    return n_seed, level
+
+
+def _segment_lesions(images, brain, location, tissue, spacing, cfg) -> np.ndarray:
+    cap = bool(cfg["cap_by_flair"]) and "FLAIR" in images
+    # lesions are found on the T2-weighted contrasts: T2/FLAIR hyperintensity defines them
+    score = lesion_score(images, brain, tissue, False, cap)
+    conn = int(cfg["connectivity"])
+    grow, seed_z, frac = float(cfg["grow_z"]), float(cfg["seed_z"]), float(cfg["boundary_fraction"])
+    # hysteresis: components of {score > grow_z} that contain a seed (score > seed_z)
+    lab, n = ndi.label(score > grow, structure=ndi.generate_binary_structure(3, conn))
+    if n == 0:
+        return np.zeros(brain.shape, bool)
+    seeds = score > seed_z
+    n_seed, level = _core_level(score, lab, n, seeds, frac, grow)
+    keep = n_seed > 0
     lesion = keep[lab] & (score >= level[lab])
+    if bool(cfg["use_t1"]) and "T1w" in images:
+        # a lesion whose core is also T1w-hypointense takes its edge from all contrasts
+        # together (thin T1w slices sharpen edges blurred on thick FLAIR slices); a
+        # T1w-isointense lesion (most MS lesions are) keeps the edge of the contrasts
+        # that show it
+        z1 = _t1_hypo_z(images, tissue)
+        dark = (np.bincount(lab[seeds], weights=z1[seeds], minlength=n + 1)
+                / np.maximum(n_seed, 1)) >= grow
+        del z1
+        dark[0] = False
+        sel = dark[lab]
+        both = lesion_score(images, brain, tissue, True, cap)
+        # there, the all-contrast score's own hysteresis and edges: its components that
+        # touch such a lesion (T1w-dark, T2w-faint parts included)
+        lab2, n2 = ndi.label(both > grow, structure=ndi.generate_binary_structure(3, conn))
+        n_both, level_both = _core_level(both, lab2, n2, both > seed_z, frac, grow)
+        ok2 = (np.bincount(lab2[sel], minlength=n2 + 1) > 0) & (n_both > 0)
+        ok2[0] = False
+        lesion &= ~sel
+        lesion |= ok2[lab2] & (both >= level_both[lab2])
+        del both, sel, lab2
+        lab, n = ndi.label(lesion, structure=ndi.generate_binary_structure(3, conn))
+        keep = np.ones(n + 1, bool)
     vox = float(np.prod(spacing))
     keep &= np.bincount(lab[lesion], minlength=n + 1) * vox >= float(cfg["min_lesion_mm3"])
     keep[0] = False
@@ -275,9 +313,9 @@ def pooled_widths(sessions: list, priors, cfg: dict) -> dict:
 
 
 def lesion_zmap(images: dict, priors, cfg: dict, widths=None) -> np.ndarray:
-    """Lesion-likeness of every voxel: the combined hyperintensity z of :func:`segment_session`.
+    """Lesion-likeness of every voxel: the combined FLAIR/T2w hyperintensity z of :func:`segment_session`.
 
-    The same score the segmentation thresholds (``seed_z`` / ``grow_z``), on the full
+    The score the segmentation finds lesions with (``seed_z`` / ``grow_z``), on the full
     grid (0 outside the brain). The tracker's change detector uses it to restrict
     image change to voxels that look like lesion at the brighter visit.
 
@@ -305,8 +343,7 @@ def lesion_zmap(images: dict, priors, cfg: dict, widths=None) -> np.ndarray:
     imgs = {m: np.asarray(a, dtype=np.float32)[box] for m, a in images.items()}
     tissue = _Tissue(brain, priors.wm_prob[box], priors.gm_prob[box], cfg, widths)
     out = np.zeros(brain_full.shape, np.float32)
-    out[box] = lesion_score(imgs, brain, tissue, bool(cfg["use_t1"]),
-                            bool(cfg["cap_by_flair"]) and "FLAIR" in imgs)
+    out[box] = lesion_score(imgs, brain, tissue, False, bool(cfg["cap_by_flair"]) and "FLAIR" in imgs)
     return out
 
 

@@ -64,6 +64,21 @@ def test_pooled_widths_threshold_every_visit_alike(subject):
     assert widths["FLAIR", "wm"][0] == pytest.approx(np.mean(lo), rel=1e-6)
 
 
+def test_t1_isointense_lesions_are_found(subject):
+    """Most MS lesions are not T1w-hypointense: lesions bright on FLAIR/T2w with a normal
+    T1w are segmented like the others, and T1w-dark ones keep their T1w-sharpened edges."""
+    pre, priors, truth, _ = subject
+    ids = truth["lesion_id"]
+    iso = np.isin(ids, np.arange(1, ids.max() + 1, 2))            # every other lesion
+    imgs = dict(pre)
+    imgs["T1w"] = np.where(iso, 1.0, pre["T1w"]).astype(np.float32)
+    m = segment.segment_session(imgs, priors, SP, CFG["segment"])
+    det = lesion_detection(truth["lesion"] & iso, m.lesion & iso, spacing=SP)
+    assert det["recall"] == 1.0
+    assert dice(truth["lesion"] & iso, m.lesion & iso) >= 0.8
+    assert dice(truth["lesion"] & ~iso, m.lesion & ~iso) >= 0.85
+
+
 def test_threshold_free_of_intensity_scale(subject):
     """Scaling an input changes nothing: every threshold is relative to the subject's NAWM."""
     pre, priors, _, _ = subject
