@@ -25,14 +25,25 @@ class RegistrationError(ValueError):
 
 # --------------------------------------------------------------------------------------
 # threads
+
+def usable_cpus() -> int:
+    """CPUs this process may use: its CPU affinity, capped by ``OMP_NUM_THREADS`` (which
+    cohort workers set)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        n = os.cpu_count() or 1
+    limit = os.environ.get("OMP_NUM_THREADS", "")
+    if limit.isdigit() and int(limit) > 0:
+        n = min(n, int(limit))
+    return max(1, n)
+
+
 @contextmanager
 def sitk_threads(n: int):
     """Temporarily set SimpleITK's default thread count (0 = all usable cores)."""
     if n is None or int(n) <= 0:
-        try:
-            n = len(os.sched_getaffinity(0))
-        except AttributeError:  # pragma: no cover - non-Linux
-            n = os.cpu_count() or 1
+        n = usable_cpus()
     old = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(int(n))
     try:

@@ -19,7 +19,7 @@ from scipy import ndimage as ndi
 from . import sitk_bridge
 from .image import Image
 
-__all__ = ["LOCATION_NAMES", "load_templates", "location_map", "register_template"]
+__all__ = ["LOCATION_NAMES", "load_templates", "location_map", "register_template", "coarse_fixed"]
 
 log = logging.getLogger(__name__)
 
@@ -112,33 +112,46 @@ def _coarse(simg: sitk.Image, voxel_mm: float) -> sitk.Image:
                          (float(voxel_mm),) * 3, simg.GetDirection(), 0.0, sitk.sitkFloat32)
 
 
-def register_template(fixed: Image, skullstripped: bool, cfg: dict) -> sitk.Transform:
+def coarse_fixed(fixed: Image, cfg: dict) -> sitk.Image:
+    """The copy of ``fixed`` that :func:`register_template` registers: smoothed and
+    resampled to an isotropic ``registration_voxel_mm`` grid."""
+    return _coarse(sitk.Cast(sitk_bridge.to_sitk(fixed, np.float32), sitk.sitkFloat32),
+                   float(cfg["registration_voxel_mm"]))
+
+
+def register_template(fixed: Image, skullstripped: bool, cfg: dict, *, init=None,
+                      stages=("similarity", "affine")) -> sitk.Transform:
     """Affine transform mapping points of ``fixed`` (LPS) into the MNI152 template.
 
     Mattes mutual information (so any of T1w, FLAIR, T2w works as ``fixed``),
     centre-of-mass initialisation, a similarity (7 dof) then an affine (12 dof)
     stage, each multi-resolution. On images with skull, the metric is restricted
     to the template brain (the template is skull-stripped).
+
+    ``stages`` runs only some of the stages; ``init`` (a linear transform, e.g. the
+    result of the similarity stage) replaces the centre-of-mass start. ``fixed`` may
+    also be the :func:`coarse_fixed` copy of the image (made once for several calls).
     """
     t = load_templates(int(cfg.get("registration_template_resolution", cfg["template_resolution"])))
     tmpl = t["T1w"].with_data(t["T1w"].data * (t["brain"].data > 0.5))   # brain only
-    f = _coarse(sitk.Cast(sitk_bridge.to_sitk(fixed, np.float32), sitk.sitkFloat32),
-                float(cfg["registration_voxel_mm"]))
+    f = fixed if isinstance(fixed, sitk.Image) else coarse_fixed(fixed, cfg)
     m = sitk.Cast(sitk_bridge.to_sitk(tmpl), sitk.sitkFloat32)
-    init = sitk.CenteredTransformInitializer(f, m, sitk.Similarity3DTransform(),
-                                             sitk.CenteredTransformInitializerFilter.MOMENTS)
+    com = sitk.CenteredTransformInitializer(f, m, sitk.Similarity3DTransform(),
+                                            sitk.CenteredTransformInitializerFilter.MOMENTS)
     mmask = sitk.Cast(m > 0, sitk.sitkUInt8)
     fmask = sitk.Cast(f > 0, sitk.sitkUInt8)
-    transform = init
-    for stage in ("similarity", "affine"):
+    transform = com if init is None else init
+    for stage in stages:
         if stage == "affine":
             aff = sitk.AffineTransform(3)
             mat = sitk_bridge.linear_to_matrix(transform)
-            aff.SetCenter(init.GetCenter())
-            c = np.array(init.GetCenter())
+            aff.SetCenter(com.GetCenter())
+            c = np.array(com.GetCenter())
             aff.SetMatrix(tuple(mat[:3, :3].ravel()))
             aff.SetTranslation(tuple(mat[:3, :3] @ c + mat[:3, 3] - c))
             transform = aff
+        elif transform is not com:
+            raise ValueError("the similarity stage starts from the centre-of-mass alignment")
         reg = sitk.ImageRegistrationMethod()
         if int(cfg.get("threads", 0)) > 0:  # one thread: reruns are byte-identical
             reg.SetNumberOfThreads(int(cfg["threads"]))

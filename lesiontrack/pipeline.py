@@ -20,6 +20,7 @@ import pandas as pd
 
 from . import __version__, bids, sitk_bridge
 from ._io import write_json, write_tsv
+from ._reg_core import usable_cpus
 from .config import config_hash
 from .image import Image, load_image, save_image
 from .result import SubjectResult
@@ -352,14 +353,7 @@ def _preproc_path(out, subject, session, mod):
 def _io_threads() -> int:
     """Background threads for compressing outputs: the CPUs this process may use (capped
     by ``OMP_NUM_THREADS``, which cohort workers set) less the pipeline's own, at most 3."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not on Linux
-        n = os.cpu_count() or 1
-    limit = os.environ.get("OMP_NUM_THREADS", "")
-    if limit.isdigit() and int(limit) > 0:
-        n = min(n, int(limit))
-    return max(0, min(3, n - 1))
+    return max(0, min(3, usable_cpus() - 1))
 
 
 def _ref(images: dict) -> str:

@@ -81,6 +81,69 @@ def test_prepare_subject_on_shifted_template():
         preprocess.prepare_subject({"ceT1w": img}, cfg)
 
 
+def _scaled(scale, shift=(0.0, 0.0, 0.0)):
+    """A subject -> template transform that scales about the template centre (LPS mm)."""
+    import SimpleITK as sitk
+
+    t = load_templates(2)["brain"]
+    centre = t.affine[:3, :3] @ (np.array(t.shape) / 2.0) + t.affine[:3, 3]
+    tr = sitk.AffineTransform(3)
+    tr.SetCenter(tuple(float(c) for c in centre * [-1, -1, 1]))
+    tr.SetMatrix(tuple((np.eye(3) * scale).ravel()))
+    tr.SetTranslation(tuple(float(v) for v in shift))
+    return tr
+
+
+def test_tissue_fit_prefers_the_true_alignment_for_any_contrast():
+    """The template's own T1 (CSF dark) and an inverted copy (CSF bright, like T2w): the
+    identity explains both better than a brain scaled by 15 % or shifted by 8 mm."""
+    import SimpleITK as sitk
+
+    t = load_templates(2)
+    brain = t["brain"].data > 0.5
+    t1 = t["T1w"].data * brain
+    inv = np.where(brain, t1.max() * 1.05 - t1, 0).astype(np.float32)
+    imgs = [t["T1w"].with_data(t1.astype(np.float32)), t["T1w"].with_data(inv)]
+    cfg = dict(CFG, registration_template_resolution=2)
+    right = preprocess.tissue_fit(imgs, sitk.Transform(), cfg)
+    for wrong in (_scaled(0.85), _scaled(1.0, (8.0, 0.0, 0.0))):
+        assert right > preprocess.tissue_fit(imgs, wrong, cfg) + 0.05
+    for img in imgs:                                   # each contrast on its own, too
+        assert preprocess.tissue_fit([img], sitk.Transform(), cfg) > \
+            preprocess.tissue_fit([img], _scaled(0.85), cfg) + 0.05
+
+
+def test_prepare_subject_keeps_the_alignment_that_fits_all_contrasts(monkeypatch):
+    """A contrast whose template registration fails (here: forced to a brain 15 % too
+    small, as on a low-contrast 2D T1w) is outvoted; with ``template_selection = "first"``
+    its alignment is used."""
+    import SimpleITK as sitk
+
+    t = load_templates(2)
+    brain = t["brain"].data > 0.5
+    t1 = (t["T1w"].data * brain * 500).astype(np.float32)
+    flair = np.where(brain, 2.0 * t1.max() - t1, 0) * (t["wm"].data + t["gm"].data > 0.2)
+    imgs = {"T1w": t["T1w"].with_data(t1), "FLAIR": t["T1w"].with_data(flair.astype(np.float32))}
+    calls = []
+
+    def fake_register(fixed, skullstripped, cfg, init=None, stages=("similarity", "affine")):
+        calls.append(stages)
+        if init is not None:
+            return init
+        return _scaled(0.85) if fixed is imgs["T1w"] else sitk.Transform()
+
+    monkeypatch.setattr(preprocess, "register_template", fake_register)
+    cfg = dict(CFG, template_resolution=2)
+    wm = t["wm"].data > 0.5                          # skull-stripped: the priors tell
+    good = preprocess.prepare_subject(imgs, cfg)
+    assert calls.count(("similarity",)) == 2 and dice(wm, good.wm_prob > 0.5) > 0.97
+    calls.clear()
+    first = preprocess.prepare_subject(imgs, dict(cfg, template_selection="first"))
+    assert len(calls) == 1 and dice(wm, first.wm_prob > 0.5) < 0.8
+    with pytest.raises(preprocess.PreprocessError, match="template_selection"):
+        preprocess.prepare_subject(imgs, dict(cfg, template_selection="best"))
+
+
 @pytest.mark.slow
 def test_prepare_subject_raw_longitudinal():
     """Raw (not skull-stripped) FLAIR of sub-p12: detected as such; atlas brain mask vs reference."""
