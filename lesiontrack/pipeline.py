@@ -282,6 +282,7 @@ def run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None, prog
         "config_hash": config_hash(cfg),
         "config": cfg,
         "skullstripped": bool(getattr(priors, "skullstripped", False)),
+        "template_registered_to": getattr(priors, "template_fit", {}),
         "external_lesion_masks": str(lesion_mask_dir) if lesion_mask_dir else None,
         "timing": timing,
     }

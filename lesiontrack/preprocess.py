@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
@@ -55,6 +55,9 @@ class Priors:
         0 none, 1 periventricular, 2 juxtacortical, 3 infratentorial, 4 deep white matter.
     skullstripped : bool
         Whether the input was found (or declared) skull-stripped.
+    template_fit : dict
+        The contrasts the template was registered to, each with its :func:`tissue_fit`
+        (after the similarity stage; empty when only one was tried), and ``"chosen"``.
     """
 
     brain_mask: np.ndarray
@@ -63,6 +66,7 @@ class Priors:
     csf_prob: np.ndarray
     location: np.ndarray
     skullstripped: bool
+    template_fit: dict = field(default_factory=dict)
 
 
 def _support(data: np.ndarray) -> np.ndarray:
@@ -180,7 +184,7 @@ def prepare_subject(grid_images: dict, cfg: dict) -> Priors:
     with sitk_threads(int(cfg["threads"])):   # threads = 1: byte-identical reruns
         if len(order) == 1:
             transform = register_template(ref, skullstripped, cfg)
-            best = 0
+            best, fit = 0, {}
         else:
             # the similarity stage on every contrast, side by side (SimpleITK releases the
             # GIL); the alignment that fits all contrasts best is refined (affine)
@@ -192,6 +196,7 @@ def prepare_subject(grid_images: dict, cfg: dict) -> Priors:
                 coarse, fits = zip(*pool.map(similarity, order))
             scores = [tissue_fit([grid_images[m] for m in order], t, cfg) for t in fits]
             best = int(np.argmax(scores))
+            fit = {m: round(float(v), 4) for m, v in zip(order, scores)}
             log.info("template registered to %s (tissue fit after the similarity stage: %s)",
                      order[best], ", ".join(f"{m} {v:.3f}" for m, v in zip(order, scores)))
             transform = register_template(coarse[best], skullstripped, cfg, init=fits[best],
@@ -216,7 +221,8 @@ def prepare_subject(grid_images: dict, cfg: dict) -> Priors:
     location[brain & (location == 0)] = 4
     log.info("priors from %s: skull-stripped=%s, brain %.0f mL", order[best], skullstripped,
              brain.sum() * ref.voxel_volume / 1000.0)
-    return Priors(brain, wm, gm, csf, location, skullstripped)
+    return Priors(brain, wm, gm, csf, location, skullstripped,
+                  {"chosen": order[best], "tissue_fit": fit})
 
 
 def n4_correct(data: np.ndarray, mask: np.ndarray, spacing, cfg: dict) -> np.ndarray:

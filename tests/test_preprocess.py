@@ -133,10 +133,13 @@ def test_prepare_subject_keeps_the_alignment_that_fits_all_contrasts(monkeypatch
         return _scaled(0.85) if fixed is imgs["T1w"] else sitk.Transform()
 
     monkeypatch.setattr(preprocess, "register_template", fake_register)
+    monkeypatch.setattr(preprocess, "coarse_fixed", lambda img, cfg: img)   # keep the identity
     cfg = dict(CFG, template_resolution=2)
     wm = t["wm"].data > 0.5                          # skull-stripped: the priors tell
     good = preprocess.prepare_subject(imgs, cfg)
     assert calls.count(("similarity",)) == 2 and dice(wm, good.wm_prob > 0.5) > 0.97
+    assert good.template_fit["chosen"] == "FLAIR"
+    assert good.template_fit["tissue_fit"]["FLAIR"] > good.template_fit["tissue_fit"]["T1w"]
     calls.clear()
     first = preprocess.prepare_subject(imgs, dict(cfg, template_selection="first"))
     assert len(calls) == 1 and dice(wm, first.wm_prob > 0.5) < 0.8
