@@ -285,14 +285,14 @@ def preprocess_session(images: dict, priors: Priors, spacing, cfg: dict) -> dict
     """
     brain = priors.brain_mask
     nawm = brain & (priors.wm_prob >= float(cfg["nawm_prior_min"]))
-    out = {}
-    for mod, arr in images.items():               # loop over modalities
+
+    def one(item):
+        mod, arr = item
         a = np.asarray(arr, dtype=np.float32)
         if a.shape != brain.shape:
             raise PreprocessError(f"{mod}: shape {a.shape} differs from the priors' grid {brain.shape}")
         if mod not in _NORMALISED:
-            out[mod] = a
-            continue
+            return a
         valid = brain & (a > 0)
         if mod in cfg["n4_modalities"] and valid.sum() > 1000:
             a = n4_correct(a, valid, spacing, cfg)
@@ -305,5 +305,12 @@ def preprocess_session(images: dict, priors: Priors, spacing, cfg: dict) -> dict
         peak = tissue_peak(a[sel], bins=int(cfg["histogram_bins"]))
         if peak.mode <= 0:
             raise PreprocessError(f"{mod}: normal-appearing white-matter peak is {peak.mode:g} (<= 0)")
-        out[mod] = a / np.float32(peak.mode)
-    return out
+        return a / np.float32(peak.mode)
+
+    # the contrasts side by side on the CPUs this process may use (N4 and numpy release
+    # the GIL; each N4 keeps its own thread count, so results do not depend on this)
+    n = min(len(images), usable_cpus())
+    if n <= 1:
+        return {mod: one((mod, arr)) for mod, arr in images.items()}   # loop over modalities
+    with ThreadPoolExecutor(n) as pool:
+        return dict(zip(images, pool.map(one, images.items())))

@@ -81,6 +81,23 @@ def test_prepare_subject_on_shifted_template():
         preprocess.prepare_subject({"ceT1w": img}, cfg)
 
 
+def test_preprocess_session_same_with_one_or_more_threads(monkeypatch):
+    """The contrasts are bias-corrected side by side; the result does not depend on it."""
+    imgs, priors, _, _ = synthetic_subject(resolution=2, seed=2)
+    cfg = dict(CFG, n4_modalities=["FLAIR", "T2w", "T1w"])
+    monkeypatch.setattr(preprocess, "usable_cpus", lambda: 3)
+    par = preprocess.preprocess_session(imgs, priors, SP, cfg)
+    monkeypatch.setattr(preprocess, "usable_cpus", lambda: 1)
+    seq = preprocess.preprocess_session(imgs, priors, SP, cfg)
+    assert list(par) == list(seq) == list(imgs)
+    for mod in seq:
+        assert np.array_equal(par[mod], seq[mod]), mod
+    bad = dict(imgs, T2w=np.zeros_like(imgs["T2w"]))
+    monkeypatch.setattr(preprocess, "usable_cpus", lambda: 3)
+    with pytest.raises(preprocess.PreprocessError, match="T2w"):
+        preprocess.preprocess_session(bad, priors, SP, cfg)
+
+
 def _scaled(scale, shift=(0.0, 0.0, 0.0)):
     """A subject -> template transform that scales about the template centre (LPS mm)."""
     import SimpleITK as sitk
