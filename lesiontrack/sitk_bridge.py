@@ -173,7 +173,7 @@ def resample(moving: Image, reference: Image, transform: sitk.Transform | None =
     label = moving.is_label if is_label is None else is_label
     if label:
         interp = sitk.sitkNearestNeighbor
-        if interpolator not in (None, sitk.sitkNearestNeighbor, sitk.sitkLabelGaussian):
+        if interpolator not in (None, sitk.sitkNearestNeighbor):
             raise ValueError("label maps are resampled nearest-neighbour only")
     else:
         interp = sitk.sitkLinear if interpolator is None else interpolator
