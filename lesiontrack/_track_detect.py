@@ -13,7 +13,7 @@ for change in the images themselves:
    the brain (Genovese, Lazar & Nichols 2002), so it adapts to the noise and to the
    amount of change in each scan pair;
 3. the voxels must have changed lesion status: a confident lesion at the brighter visit
-   (the segmentation's lesion score at least ``change_lesion_z``, its seed level) and no
+   (the segmentation's lesion score at least ``change_lesion_z``, above its seed level) and no
    lesion at the other (score below ``change_absent_z``, its growth level) — gain where
    the current visit is the lesion, loss where the previous one was. Regions grow by
    hysteresis from the seeds through such voxels whose change reaches
