@@ -58,7 +58,8 @@ def make_grid(preps: dict, refs: dict, mats: dict, voxel: float, extent: str, ma
     Axes: the mean orientation of the reference images' axes in the individual space,
     reordered and flipped to be closest to RAS. Extent: the union of the references'
     foreground masks (``"foreground"``) or of their fields of view (``"fov"``), plus
-    ``margin`` mm.
+    ``margin`` mm. The lattice passes through the voxel centres of the first session's
+    reference (a single 1 mm visit keeps its own voxels: no interpolation blur).
     """
     dirs, pts = [], []
     for s, m in mats.items():
@@ -76,6 +77,12 @@ def make_grid(preps: dict, refs: dict, mats: dict, voxel: float, extent: str, ma
     u = ras @ c
     lo = u.min(axis=0) - margin
     hi = u.max(axis=0) + margin
+    # anchor: the first reference's voxel (0, 0, 0) centre, in the individual space
+    s0 = next(iter(mats))
+    inv0 = np.linalg.inv(mats[s0])
+    o = inv0[:3, :3] @ (_F @ refs[s0].affine[:3, 3]) + inv0[:3, 3]
+    o_u = sitk_bridge.lps_to_ras_points(o[None, :])[0] @ c
+    lo = o_u + np.floor((lo - o_u) / voxel) * voxel
     shape = tuple(int(x) for x in np.ceil((hi - lo) / voxel).astype(int) + 1)
     aff = np.eye(4)
     aff[:3, :3] = c * voxel

@@ -359,3 +359,29 @@ def test_phantom_1mm_every_contrast(tmp_path_factory, cfg):
     assert len(errs) == 25
     assert all(e[0] <= 0.3 and e[1] <= 1.0 for e in errs.values()), errs
     assert not any(q.flagged for q in al.qc), [(q.session_id, q.modality, q.reason) for q in al.qc]
+
+
+def test_single_isotropic_visit_keeps_its_own_voxels(world, cfg):
+    """A single visit already on a 1 mm grid (like data in MNI space) defines the
+    individual grid on its own voxel lattice: resampling it there copies voxels instead
+    of averaging neighbours (a half-voxel offset blurred lesions: lesion-wise F1 0.54 ->
+    0.39 on the real cross-sectional patient)."""
+    rng = np.random.default_rng(3)
+    flair = contrast(world, "FLAIR", rng)
+    aff = np.diag([-1.0, 1.0, 1.0, 1.0])                 # LAS, integer mm centres (as FSL MNI)
+    aff[:3, 3] = [90.0, -126.0, -72.0]
+    data = flair.data[:80, :90, :70] + rng.normal(0, 5, (80, 90, 70))
+    img = Image(np.ascontiguousarray(data, dtype=np.float32), aff)
+    al = align_subject({"ses-01": {"FLAIR": img}}, dict(cfg, voxel_size=1.0))
+    ijk = np.linalg.inv(img.affine) @ al.grid.affine
+    assert np.allclose(ijk[:3, :3], np.round(ijk[:3, :3]), atol=1e-6)
+    assert np.allclose(ijk[:3, 3], np.round(ijk[:3, 3]), atol=1e-6), ijk[:3, 3]
+    out = sitk_bridge.resample(img, al.grid, al.transforms["ses-01"]["FLAIR"]).data
+    i0 = np.round(ijk[:3, 3]).astype(int)
+    # the grid's voxels are native voxels (where both exist)
+    sub = out[2:-2, 2:-2, 2:-2]
+    idx = np.indices(sub.shape).reshape(3, -1) + 2
+    nat = np.round(ijk[:3, :3] @ idx + i0[:, None]).astype(int)
+    ok = np.all((nat >= 0) & (nat < np.array(img.shape)[:, None]), axis=0)
+    assert ok.mean() > 0.5
+    np.testing.assert_allclose(sub.reshape(-1)[ok], img.data[tuple(nat[:, ok])], rtol=1e-5, atol=1e-3)
