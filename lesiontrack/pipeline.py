@@ -232,9 +232,18 @@ def run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None, prog
     # one set of tissue widths for all visits: every visit is thresholded alike
     widths = (segment.pooled_widths([pre[sid] for sid in sids], priors, cfg["segment"])
               if cfg["segment"]["pool_sessions"] else None)
-    masks = [segment.segment_session(pre[sid], priors, spacing, cfg["segment"],
+    # a session with T2w but no FLAIR is segmented with a FLAIR imputed from the nearest
+    # FLAIR visit and the T2w change (T2w alone cannot tell lesions from CSF partial volume)
+    seg_in, imputed = ([pre[sid] for sid in sids], {})
+    if cfg["segment"]["impute_flair"] and not ext_aligned:
+        seg_in, imputed = segment.impute_flair(seg_in, priors, spacing, cfg["segment"])
+    imputed = {sids[i]: sids[j] for i, j in imputed.items()}
+    for sid, src in imputed.items():
+        log.info("sub-%s %s: no FLAIR; segmented with a FLAIR imputed from %s and the T2w change",
+                 subject, sid, src)
+    masks = [segment.segment_session(seg_in[k], priors, spacing, cfg["segment"],
                                      lesion_mask=ext_aligned.get(sid), widths=widths)
-             for sid in sids]
+             for k, sid in enumerate(sids)]
     timing["segment_s"] = time.perf_counter() - t0
 
     # 6. tracking + tables -----------------------------------------------------------
@@ -245,8 +254,9 @@ def run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None, prog
     change_mod = next((m for m in ("FLAIR", "T2w") if all(m in pre[sid] for sid in sids)), None)
     flair = [pre[sid][change_mod] for sid in sids] if change_mod else None
     # per-session lesion evidence (z) lets the tracker confirm change in the images themselves
-    lesion_z = ([segment.lesion_zmap(pre[sid], priors, cfg["segment"], widths) for sid in sids]
-                if change_mod else None)
+    lesion_z = ([segment.lesion_zmap(seg_in[k], priors, cfg["segment"], widths)
+                 for k in range(len(sids))] if change_mod else None)
+    del seg_in
     tr = track.track_lesions([m.lesion for m in masks], spacing, cfg["track"], flair=flair,
                              brain_mask=priors.brain_mask, lesion_z=lesion_z)
     del lesion_z
@@ -283,6 +293,7 @@ def run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None, prog
         "config": cfg,
         "skullstripped": bool(getattr(priors, "skullstripped", False)),
         "template_registered_to": getattr(priors, "template_fit", {}),
+        "flair_imputed_from": imputed,
         "external_lesion_masks": str(lesion_mask_dir) if lesion_mask_dir else None,
         "timing": timing,
     }

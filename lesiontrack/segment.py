@@ -22,6 +22,15 @@ lesions nor atlas misregistration move.
    FLAIR/T2w slices). Components below ``min_lesion_mm3`` and components whose border
    is mostly CSF or outside the brain (sulcal partial-volume artefacts,
    ``max_csf_border``) are dropped.
+   *Without FLAIR* T2w cannot tell lesions from CSF and its partial volume with tissue
+   (both are T2w-bright and moderately T1w-dark; FLAIR nulls the CSF). In a subject with
+   FLAIR at other visits, such a visit is given a FLAIR imputed from the nearest FLAIR
+   visit and the significant T2w change (:func:`impute_flair`, called by the pipeline).
+   With no FLAIR at all (``no_flair_csf``), the CSF spaces (T2w-bright and T1w-dark
+   compartments of at least ``CSF_MIN_ML`` or open onto the brain's surface; without T1w
+   the atlas CSF) are no lesion, a lesion must be thicker than the partial-volume rim
+   around them (it survives a one-voxel opening) and lie in white matter more than in
+   grey matter (GM partial-volumed with sulcal CSF looks the same on T2w and T1w).
 2. *Restricted diffusion*: lesion voxels with ADC below ``adc_max_restricted``
    (mm^2/s) and bright on b1000 relative to NAWM.
 3. *Black holes*: lesion voxels with T1w below ``blackhole_t1_max`` x the NAWM peak.
@@ -44,14 +53,17 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy import ndimage as ndi
+from skimage.filters import threshold_otsu
 
 from ._seg_measures import lesion_measures
 from ._seg_stats import tissue_peak
+from ._track_detect import noise_model
 
 __all__ = ["SessionMasks", "SegmentError", "segment_session", "lesion_measures", "lesion_score",
-           "lesion_zmap", "pooled_widths"]
+           "lesion_zmap", "pooled_widths", "impute_flair"]
 
 MEASURES = ("lesion", "restricted", "blackhole", "enhancing")
+CSF_MIN_ML = 1.0   # without FLAIR, T2w-bright/T1w-dark compartments this large are CSF, not lesion
 
 
 class SegmentError(ValueError):
@@ -116,6 +128,7 @@ class _Tissue:
                 idx = np.flatnonzero(brain)
             self.idx[name] = idx[::max(1, idx.size // cap)]
         self.gm_possible = gm >= float(cfg["gm_possible_min"])
+        self.wm_prob, self.gm_prob = wm, gm
         self.bins = int(cfg["histogram_bins"])
         self._cache = {}
 
@@ -193,12 +206,62 @@ def _core_level(score, lab, n, seeds, fraction, floor):
     return n_seed, level
 
 
+def _csf_like(images, brain, tissue, voxel_mm3: float) -> np.ndarray:
+    """Without FLAIR: the CSF spaces, voxels nearer the CSF than grey matter on both T2w
+    and T1w that form a large compartment (at least ``CSF_MIN_ML``) or open onto the
+    brain's surface. A T1w black hole is as T2w-bright and T1w-dark as CSF, but enclosed
+    in tissue and small.
+
+    The CSF levels are the data's own: the mode of T1w below the GM peak by 2 of its
+    widths, then the mode of T2w where T1w is nearer that level than the GM peak. Without
+    T1w, the T2w of CSF has no reliable peak of its own (its bright tail merges with the
+    lesions'): the atlas CSF (neither WM nor GM prior) then decides, where the T2w is
+    brighter than the Otsu threshold of the brain's T2w.
+    """
+    t2 = images["T2w"]
+    if "T1w" not in images:
+        tb = t2[brain]
+        otsu = threshold_otsu(tb[:: max(1, tb.size // 1_000_000)])
+        del tb
+        return brain & (t2 > otsu) & (tissue.wm_prob + tissue.gm_prob < 0.5)
+    t1 = images["T1w"]
+    g1 = tissue.peak("T1w", t1, "gm")
+    dark = brain & (t1 < g1.mode - 2 * g1.sigma_low)
+    if np.count_nonzero(dark) < 100:
+        return np.zeros(brain.shape, bool)
+    mid1 = 0.5 * (tissue_peak(t1[dark], bins=tissue.bins).mode + g1.mode)
+    cv = t2[brain & (t1 < mid1)]
+    if cv.size < 100:
+        return np.zeros(brain.shape, bool)
+    mid2 = 0.5 * (tissue_peak(cv, bins=tissue.bins).mode + tissue.peak("T2w", t2, "gm").mode)
+    like = brain & (t2 > mid2) & (t1 < mid1)
+    lab, n = ndi.label(like)
+    big = np.bincount(lab.ravel(), minlength=n + 1) * voxel_mm3 >= CSF_MIN_ML * 1000.0
+    outer = ndi.binary_dilation(~brain) & like       # touching the brain's surface
+    big[np.unique(lab[outer])] = True
+    big[0] = False
+    return big[lab]
+
+
 def _segment_lesions(images, brain, location, tissue, spacing, cfg) -> np.ndarray:
     cap = bool(cfg["cap_by_flair"]) and "FLAIR" in images
     # lesions are found on the T2-weighted contrasts: T2/FLAIR hyperintensity defines them
     score = lesion_score(images, brain, tissue, False, cap)
     conn = int(cfg["connectivity"])
     grow, seed_z, frac = float(cfg["grow_z"]), float(cfg["seed_z"]), float(cfg["boundary_fraction"])
+    no_flair = "FLAIR" not in images and bool(cfg["no_flair_csf"])
+    if no_flair:
+        # T2w without FLAIR: CSF and its partial volume with tissue are as T2w-bright as
+        # lesions. CSF-like voxels are left out, and so are the thin rims the candidate
+        # region keeps around them: a lesion must be thicker than the partial-volume rim
+        # (it survives a one-voxel opening), and only the voxels next to such a core are
+        # given back (the edge the opening took)
+        cand = (score > grow) & ~_csf_like(images, brain, tissue, float(np.prod(spacing)))
+        cross = ndi.generate_binary_structure(3, 1)
+        excluded = ~(ndi.binary_dilation(ndi.binary_opening(cand, structure=cross),
+                                         structure=cross) & cand)
+        del cand
+        score[excluded] = 0
     # hysteresis: components of {score > grow_z} that contain a seed (score > seed_z)
     lab, n = ndi.label(score > grow, structure=ndi.generate_binary_structure(3, conn))
     if n == 0:
@@ -219,6 +282,8 @@ def _segment_lesions(images, brain, location, tissue, spacing, cfg) -> np.ndarra
         dark[0] = False
         sel = dark[lab]
         both = lesion_score(images, brain, tissue, True, cap)
+        if no_flair:
+            both[excluded] = 0
         # there, the all-contrast score's own hysteresis and edges: its components that
         # touch such a lesion (T1w-dark, T2w-faint parts included)
         lab2, n2 = ndi.label(both > grow, structure=ndi.generate_binary_structure(3, conn))
@@ -235,6 +300,15 @@ def _segment_lesions(images, brain, location, tissue, spacing, cfg) -> np.ndarra
     keep[0] = False
     lesion &= keep[lab]
     # CSF-border pruning: share of each component's outside contacts that are CSF-like
+    # (without FLAIR the CSF and its rims are already out, and lesions border them; what
+    # stays is grey matter partial-volumed with sulcal CSF, which T2w and T1w cannot tell
+    # from a lesion: a component must lie in white matter more than in grey matter)
+    if no_flair:
+        labs = lab[lesion]
+        keep &= (np.bincount(labs, weights=tissue.wm_prob[lesion], minlength=n + 1)
+                 >= np.bincount(labs, weights=tissue.gm_prob[lesion], minlength=n + 1))
+        keep[0] = False
+        return lesion & keep[lab]
     if "FLAIR" in images:
         ref = images["FLAIR"]
     elif "T1w" in images:
@@ -310,6 +384,91 @@ def pooled_widths(sessions: list, priors, cfg: dict) -> dict:
                 found.setdefault((key, t), []).append((p.sigma_low, p.sigma_high))
     return {k: (float(np.mean([w[0] for w in v])), float(np.mean([w[1] for w in v])))
             for k, v in found.items()}
+
+
+def impute_flair(sessions: list, priors, spacing, cfg: dict) -> tuple[list, dict]:
+    """Sessions without FLAIR, given one from the subject's nearest FLAIR visit and the T2w change.
+
+    On T2w alone, lesions and the partial volume of white matter with CSF have the same
+    intensities (both are T2w-bright and moderately T1w-dark; FLAIR nulls the CSF): a
+    T2w-only segmentation either joins lesions to the ventricles and sulci or, pruning
+    those, loses them. In a subject with FLAIR at other visits, the CSF is the same
+    anatomy at every visit, and a change of the tissue shows on both contrasts. A session
+    with T2w but no FLAIR is therefore given, for the segmentation only, the FLAIR of the
+    nearest visit (in session order) that has both FLAIR and T2w, plus that visit's
+    FLAIR/T2w width ratio times the significant T2w change between the two visits::
+
+        FLAIR_i = FLAIR_j + (sigma_FLAIR / sigma_T2w)_j * D,
+        D = T2w_i - T2w_j where |T2w_i - T2w_j| >= impute_change_z * sd, else 0
+
+    (sigma: the NAWM peak half-width below the mode of visit ``j``; ``sd``: the voxel-wise
+    noise SD of the T2w difference, acquisition noise plus residual misalignment times the
+    local gradient, fitted to the data by :func:`lesiontrack._track_detect.noise_model`).
+    Unchanged tissue keeps visit ``j``'s FLAIR, so a stable lesion is found alike at both
+    visits and CSF stays dark; a new T2w hyperintensity enters the imputed FLAIR in FLAIR's
+    own z units; noise and edge misalignment of the T2w pair do not.
+    The imputed image is not an output (the session's own contrasts are what is written and
+    shown), and change between visits is still tested on a contrast every visit has.
+
+    Parameters
+    ----------
+    sessions : list of dict[str, ndarray]
+        Preprocessed contrasts of the subject's sessions, in time order.
+    priors : lesiontrack.preprocess.Priors
+    spacing : sequence of 3 float
+        Voxel size in mm.
+    cfg : dict
+        The ``[segment]`` section.
+
+    Returns
+    -------
+    sessions : list of dict
+        The input dicts, with ``FLAIR`` added to the ones it was imputed for (new dicts;
+        the inputs are not modified).
+    source : dict
+        ``{index of the session given a FLAIR: index of the session it came from}``.
+    """
+    _check_cfg(cfg)
+    full = [i for i, s in enumerate(sessions) if "FLAIR" in s and "T2w" in s]
+    todo = [i for i, s in enumerate(sessions) if "FLAIR" not in s and "T2w" in s]
+    out, source = list(sessions), {}
+    if not full or not todo:
+        return out, source
+    brain_full = np.asarray(priors.brain_mask, dtype=bool)
+    box = _bbox(brain_full)
+    brain = brain_full[box]
+    ratio = {}
+    for i in todo:                                   # loop over sessions
+        j = min(full, key=lambda k: (abs(k - i), k))
+        if j not in ratio:
+            tissue = _Tissue(brain, priors.wm_prob[box], priors.gm_prob[box], cfg)
+            pf = tissue.peak("FLAIR", np.asarray(sessions[j]["FLAIR"], np.float32)[box])
+            pt = tissue.peak("T2w", np.asarray(sessions[j]["T2w"], np.float32)[box])
+            ratio[j] = np.float32(pf.sigma_low / pt.sigma_low)
+        ref = sessions[j]
+        flair = np.subtract(sessions[i]["T2w"], ref["T2w"], dtype=np.float32)
+        mean = np.add(sessions[i]["T2w"], ref["T2w"], dtype=np.float32)
+        sd = noise_model(flair, mean, brain_full, spacing)[0]
+        del mean
+        sd *= np.float32(cfg["impute_change_z"])
+        # significant change: voxels beyond the noise, in same-sign regions of at least
+        # min_lesion_mm3 (a lone noisy voxel is no lesion change)
+        keep = np.zeros(flair.shape, bool)
+        vox = float(np.prod(spacing))
+        for sig in (flair >= sd, flair <= -sd):      # loop over the two signs
+            lab, n = ndi.label(sig, structure=ndi.generate_binary_structure(3, int(cfg["connectivity"])))
+            big = np.bincount(lab.ravel(), minlength=n + 1) * vox >= float(cfg["min_lesion_mm3"])
+            big[0] = False
+            keep |= big[lab]
+        del sd, lab, sig
+        flair[~keep] = 0
+        del keep
+        flair *= ratio[j]
+        flair += ref["FLAIR"]
+        np.maximum(flair, 0, out=flair)
+        out[i] = dict(sessions[i], FLAIR=flair)
+        source[i] = j
+    return out, source
 
 
 def lesion_zmap(images: dict, priors, cfg: dict, widths=None) -> np.ndarray:

@@ -99,6 +99,60 @@ def test_missing_contrasts_reduce_available(subject):
         segment.segment_session({"T1w": pre["T1w"]}, priors, SP, CFG["segment"])
 
 
+def test_without_flair_csf_is_not_lesion(subject):
+    """T2w and T1w without FLAIR: CSF is as T2w-bright as lesions and its partial volume as
+    T1w-dark. The CSF spaces and the rims around them are left out (on the old code, CSF
+    made 75 times the lesion volume from T2w alone, and pruning it left 15 % of the
+    lesions with T1w); the enclosed T1w black holes are kept."""
+    pre, priors, truth, _ = subject
+    for mods, min_dice in ((("T2w", "T1w"), 0.8), (("T2w",), 0.75)):
+        imgs = {m: pre[m] for m in mods}
+        m = segment.segment_session(imgs, priors, SP, CFG["segment"]).lesion
+        det = lesion_detection(truth["lesion"], m, spacing=SP)
+        assert dice(truth["lesion"], m) >= min_dice, mods
+        assert det["precision"] == 1.0 and det["recall"] >= 0.9, (mods, det)
+        off = segment.segment_session(imgs, priors, SP, dict(CFG["segment"], no_flair_csf=False)).lesion
+        assert dice(truth["lesion"], off) < 0.5, mods
+    # black holes (T2w-bright, T1w-dark like CSF, but small and enclosed) are found
+    m = segment.segment_session({k: pre[k] for k in ("T2w", "T1w")}, priors, SP,
+                                CFG["segment"]).lesion
+    assert lesion_detection(truth["blackhole"], m, spacing=SP)["recall"] >= 0.75
+
+
+def test_impute_flair_from_nearest_visit(subject):
+    """A visit without FLAIR gets the nearest FLAIR visit's FLAIR plus its significant T2w
+    change, in FLAIR units: its stable lesions and its CSF are those of that visit, a new
+    T2w lesion appears, T2w noise does not."""
+    pre, priors, truth, _ = subject
+    rng = np.random.default_rng(3)
+    ids = truth["lesion_id"]
+    new = ids == 1                                   # a lesion that appears at visit 2
+    v0 = dict(pre)
+    for mod in ("FLAIR", "T2w"):
+        v0[mod] = np.where(new, 1.0, pre[mod]).astype(np.float32)
+    v1 = {m: (a + rng.normal(0, 0.02, a.shape)).astype(np.float32) * priors.brain_mask
+          for m, a in pre.items() if m != "FLAIR"}   # visit 2: no FLAIR, the new lesion on T2w
+    v2 = dict(v0)
+    v3 = {"T1w": pre["T1w"]}                         # neither FLAIR nor T2w: left alone
+    before = [dict(v) for v in (v0, v1, v2, v3)]
+    out, source = segment.impute_flair([v0, v1, v2, v3], priors, SP, CFG["segment"])
+    assert source == {1: 0}                          # nearest, the earlier on a tie
+    assert all(a.keys() == b.keys() for a, b in zip([v0, v1, v2, v3], before))   # inputs kept
+    assert out[0] is v0 and out[2] is v2 and out[3] is v3 and "FLAIR" in out[1]
+    f = out[1]["FLAIR"]
+    brain = priors.brain_mask
+    far = brain & ~ndi.binary_dilation(truth["lesion"], iterations=2)
+    # unchanged tissue: exactly the source visit's FLAIR (the T2w noise is not imputed)
+    assert np.mean(f[far] == v0["FLAIR"][far]) > 0.98
+    # the new lesion: bright in FLAIR's own units, like the other lesions
+    other = truth["lesion"] & ~new
+    assert np.median(f[new]) > 1.0 + 0.6 * (np.median(pre["FLAIR"][other]) - 1.0)
+    m = [segment.segment_session(x, priors, SP, CFG["segment"]).lesion for x in (v0, out[1])]
+    assert lesion_detection(new, m[1], spacing=SP)["recall"] == 1.0
+    assert not (m[0] & new).any()
+    assert dice(m[0] & other, m[1] & other) > 0.9
+
+
 def test_external_mask_is_used(subject):
     pre, priors, truth, _ = subject
     ext = np.zeros_like(truth["lesion"])

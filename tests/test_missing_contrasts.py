@@ -1,0 +1,63 @@
+"""Visits without FLAIR, end to end on a generated phantom, scored against its truth.
+
+A missing FLAIR is common in clinical series (a protocol change, a lost series, an
+archive that dropped large files). The phantom's FLAIR is deleted from some visits or
+from all of them, the whole pipeline runs and ``lesiontrack.evaluate`` scores its
+segmentation and lesion statuses against the exact truth.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lesiontrack import pipeline
+from lesiontrack.config import load_config
+from lesiontrack.evaluate import evaluate_run
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    from lesiontrack.phantom import make_phantom
+
+    root = tmp_path_factory.mktemp("phantom")
+    make_phantom(root, n_subjects=1, seed=3, resolution=2)
+    return root
+
+
+def _run(phantom, tmp_path, drop_flair):
+    import shutil
+
+    bids_dir = tmp_path / "bids"
+    shutil.copytree(phantom / "bids", bids_dir)
+    for ses in drop_flair:
+        (bids_dir / "sub-01" / ses / "anat" / f"sub-01_{ses}_FLAIR.nii.gz").unlink()
+    out = tmp_path / "out"
+    pipeline.run_subject(bids_dir, "01", out, load_config(), write_report=False)
+    sc = evaluate_run(out, phantom / "truth", bids_dir)["01"]
+    prov = json.loads((out / "sub-01" / "sub-01_provenance.json").read_text())
+    seg = sc["segmentation"].set_index("session_id")
+    print(seg[["lesion_dice", "lesion_f1"]].round(3).to_string(), sc["status"])
+    return seg, sc["status"], prov
+
+
+def test_visits_without_flair_are_segmented_with_an_imputed_flair(phantom, tmp_path):
+    """FLAIR missing at 2 of 5 visits. Measured: status 82.4 % (84.0 % with every FLAIR;
+    56.8 % on the old code), Dice of the two visits 0.66 / 0.70 (0.22 / 0.22 on the old
+    code, which segmented them from T2w alone)."""
+    seg, status, prov = _run(phantom, tmp_path, ["ses-02", "ses-04"])
+    assert prov["flair_imputed_from"] == {"ses-02": "ses-01", "ses-04": "ses-03"}
+    assert seg.loc[["ses-02", "ses-04"], "lesion_dice"].min() >= 0.6
+    assert status["accuracy"] >= 0.78
+
+
+def test_subject_without_any_flair(phantom, tmp_path):
+    """No FLAIR at any visit: T2w with T1w, CSF spaces and their rims left out. Measured:
+    mean Dice 0.58, status 55.2 % (0.42 and 41.6 % on the old code)."""
+    seg, status, prov = _run(phantom, tmp_path, [f"ses-0{i}" for i in range(1, 6)])
+    assert prov["flair_imputed_from"] == {}
+    assert seg["lesion_dice"].mean() >= 0.5
+    assert seg["lesion_dice"].min() >= 0.4
+    assert status["accuracy"] >= 0.5
