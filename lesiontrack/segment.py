@@ -57,7 +57,7 @@ from skimage.filters import threshold_otsu
 
 from ._seg_measures import lesion_measures
 from ._seg_stats import tissue_peak
-from ._track_detect import noise_model
+from ._track_detect import fdr_threshold, noise_model
 
 __all__ = ["SessionMasks", "SegmentError", "segment_session", "lesion_measures", "lesion_score",
            "lesion_zmap", "pooled_widths", "impute_flair"]
@@ -404,9 +404,13 @@ def impute_flair(sessions: list, priors, spacing, cfg: dict) -> tuple[list, dict
     (sigma: the NAWM peak half-width below the mode of visit ``j``; ``sd``: the voxel-wise
     noise SD of the T2w difference, acquisition noise plus residual misalignment times the
     local gradient, fitted to the data by :func:`lesiontrack._track_detect.noise_model`).
-    Unchanged tissue keeps visit ``j``'s FLAIR, so a stable lesion is found alike at both
-    visits and CSF stays dark; a new T2w hyperintensity enters the imputed FLAIR in FLAIR's
-    own z units; noise and edge misalignment of the T2w pair do not.
+    The significant voxels must form same-sign regions of at least ``min_lesion_mm3`` that
+    hold a voxel significant at a false-discovery rate of 5 % over the brain, and lie
+    neither in nor next to the CSF of visit ``j``'s FLAIR: FLAIR nulls the CSF, so a T2w
+    change there is a shift of partial volume (slice position, registration, atrophy), not
+    lesion. Unchanged tissue keeps visit ``j``'s FLAIR, so a stable lesion is found alike at
+    both visits and CSF stays dark; a new T2w hyperintensity enters the imputed FLAIR in
+    FLAIR's own z units; noise and edge misalignment of the T2w pair do not.
     The imputed image is not an output (the session's own contrasts are what is written and
     shown), and change between visits is still tested on a contrast every visit has.
 
@@ -440,27 +444,40 @@ def impute_flair(sessions: list, priors, spacing, cfg: dict) -> tuple[list, dict
     ratio = {}
     for i in todo:                                   # loop over sessions
         j = min(full, key=lambda k: (abs(k - i), k))
+        tissue_j = _Tissue(brain, priors.wm_prob[box], priors.gm_prob[box], cfg)
         if j not in ratio:
-            tissue = _Tissue(brain, priors.wm_prob[box], priors.gm_prob[box], cfg)
-            pf = tissue.peak("FLAIR", np.asarray(sessions[j]["FLAIR"], np.float32)[box])
-            pt = tissue.peak("T2w", np.asarray(sessions[j]["T2w"], np.float32)[box])
+            pf = tissue_j.peak("FLAIR", np.asarray(sessions[j]["FLAIR"], np.float32)[box])
+            pt = tissue_j.peak("T2w", np.asarray(sessions[j]["T2w"], np.float32)[box])
             ratio[j] = np.float32(pf.sigma_low / pt.sigma_low)
         ref = sessions[j]
         flair = np.subtract(sessions[i]["T2w"], ref["T2w"], dtype=np.float32)
         mean = np.add(sessions[i]["T2w"], ref["T2w"], dtype=np.float32)
         sd = noise_model(flair, mean, brain_full, spacing)[0]
         del mean
-        sd *= np.float32(cfg["impute_change_z"])
-        # significant change: voxels beyond the noise, in same-sign regions of at least
-        # min_lesion_mm3 (a lone noisy voxel is no lesion change)
+        z = flair / sd
+        del sd
+        # significant change: same-sign regions beyond impute_change_z noise SDs, of at least
+        # min_lesion_mm3, holding a voxel significant at a false-discovery rate of 5 % over
+        # the brain (a lone noisy voxel, or the heavy tail of resampling differences between
+        # thick-slice scans, is no lesion change)
+        seed = max(float(cfg["impute_change_z"]), fdr_threshold(z[brain_full], 0.05))
         keep = np.zeros(flair.shape, bool)
         vox = float(np.prod(spacing))
-        for sig in (flair >= sd, flair <= -sd):      # loop over the two signs
-            lab, n = ndi.label(sig, structure=ndi.generate_binary_structure(3, int(cfg["connectivity"])))
+        for sz in (z, -z):                           # loop over the two signs
+            lab, n = ndi.label(sz >= float(cfg["impute_change_z"]),
+                               structure=ndi.generate_binary_structure(3, int(cfg["connectivity"])))
             big = np.bincount(lab.ravel(), minlength=n + 1) * vox >= float(cfg["min_lesion_mm3"])
+            big &= np.bincount(lab[sz >= seed], minlength=n + 1) > 0
             big[0] = False
             keep |= big[lab]
-        del sd, lab, sig
+        del z, lab
+        # FLAIR nulls the CSF: a T2w change in or next to the CSF of the source visit's FLAIR
+        # is a shift of partial volume (registration, slice position, atrophy), not lesion
+        pf = tissue_j.peak("FLAIR", np.asarray(ref["FLAIR"], np.float32)[box])
+        csf = np.zeros(brain_full.shape, bool)
+        csf[box] = ref["FLAIR"][box] < pf.mode - float(cfg["csf_z"]) * pf.sigma_low
+        keep &= ~ndi.binary_dilation(csf, structure=ndi.generate_binary_structure(3, 3))
+        del csf
         flair[~keep] = 0
         del keep
         flair *= ratio[j]
