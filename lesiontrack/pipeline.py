@@ -254,7 +254,7 @@ def run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None, prog
     change_mod = next((m for m in ("FLAIR", "T2w") if all(m in pre[sid] for sid in sids)), None)
     flair = [pre[sid][change_mod] for sid in sids] if change_mod else None
     # per-session lesion evidence (z) lets the tracker confirm change in the images themselves
-    lesion_z = ([segment.lesion_zmap(seg_in[k], priors, cfg["segment"], widths)
+    lesion_z = ([segment.lesion_zmap(seg_in[k], priors, cfg["segment"], widths, spacing)
                  for k in range(len(sids))] if change_mod else None)
     del seg_in
     tr = track.track_lesions([m.lesion for m in masks], spacing, cfg["track"], flair=flair,

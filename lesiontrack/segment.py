@@ -243,6 +243,17 @@ def _csf_like(images, brain, tissue, voxel_mm3: float) -> np.ndarray:
     return big[lab]
 
 
+def _no_flair_excluded(score, images, brain, tissue, voxel_mm3: float, grow: float) -> np.ndarray:
+    """T2w without FLAIR: voxels that cannot be lesion. CSF and its partial volume with
+    tissue are as T2w-bright as lesions: CSF-like voxels are left out, and so are the thin
+    rims the candidate region keeps around them: a lesion must be thicker than the
+    partial-volume rim (it survives a one-voxel opening), and only the voxels next to such
+    a core are given back (the edge the opening took)."""
+    cand = (score > grow) & ~_csf_like(images, brain, tissue, voxel_mm3)
+    cross = ndi.generate_binary_structure(3, 1)
+    return ~(ndi.binary_dilation(ndi.binary_opening(cand, structure=cross), structure=cross) & cand)
+
+
 def _segment_lesions(images, brain, location, tissue, spacing, cfg) -> np.ndarray:
     cap = bool(cfg["cap_by_flair"]) and "FLAIR" in images
     # lesions are found on the T2-weighted contrasts: T2/FLAIR hyperintensity defines them
@@ -251,16 +262,7 @@ def _segment_lesions(images, brain, location, tissue, spacing, cfg) -> np.ndarra
     grow, seed_z, frac = float(cfg["grow_z"]), float(cfg["seed_z"]), float(cfg["boundary_fraction"])
     no_flair = "FLAIR" not in images and bool(cfg["no_flair_csf"])
     if no_flair:
-        # T2w without FLAIR: CSF and its partial volume with tissue are as T2w-bright as
-        # lesions. CSF-like voxels are left out, and so are the thin rims the candidate
-        # region keeps around them: a lesion must be thicker than the partial-volume rim
-        # (it survives a one-voxel opening), and only the voxels next to such a core are
-        # given back (the edge the opening took)
-        cand = (score > grow) & ~_csf_like(images, brain, tissue, float(np.prod(spacing)))
-        cross = ndi.generate_binary_structure(3, 1)
-        excluded = ~(ndi.binary_dilation(ndi.binary_opening(cand, structure=cross),
-                                         structure=cross) & cand)
-        del cand
+        excluded = _no_flair_excluded(score, images, brain, tissue, float(np.prod(spacing)), grow)
         score[excluded] = 0
     # hysteresis: components of {score > grow_z} that contain a seed (score > seed_z)
     lab, n = ndi.label(score > grow, structure=ndi.generate_binary_structure(3, conn))
@@ -488,7 +490,7 @@ def impute_flair(sessions: list, priors, spacing, cfg: dict) -> tuple[list, dict
     return out, source
 
 
-def lesion_zmap(images: dict, priors, cfg: dict, widths=None) -> np.ndarray:
+def lesion_zmap(images: dict, priors, cfg: dict, widths=None, spacing=None) -> np.ndarray:
     """Lesion-likeness of every voxel: the combined FLAIR/T2w hyperintensity z of :func:`segment_session`.
 
     The score the segmentation finds lesions with (``seed_z`` / ``grow_z``), on the full
@@ -504,6 +506,10 @@ def lesion_zmap(images: dict, priors, cfg: dict, widths=None) -> np.ndarray:
         The ``[segment]`` section of the pipeline config.
     widths : dict, optional
         The subject's pooled tissue widths (:func:`pooled_widths`).
+    spacing : sequence of 3 float, optional
+        Voxel size in mm (default 1 mm): without FLAIR, the CSF spaces (as the segmentation
+        finds them, measured in mm^3) are NaN: as T2w-bright as a lesion, but neither lesion
+        nor normal tissue (a comparison with NaN is False on either side).
 
     Returns
     -------
@@ -518,8 +524,12 @@ def lesion_zmap(images: dict, priors, cfg: dict, widths=None) -> np.ndarray:
     brain = brain_full[box]
     imgs = {m: np.asarray(a, dtype=np.float32)[box] for m, a in images.items()}
     tissue = _Tissue(brain, priors.wm_prob[box], priors.gm_prob[box], cfg, widths)
+    score = lesion_score(imgs, brain, tissue, False, bool(cfg["cap_by_flair"]) and "FLAIR" in imgs)
+    if "FLAIR" not in imgs and bool(cfg["no_flair_csf"]):
+        vox = float(np.prod(spacing)) if spacing is not None else 1.0
+        score[_csf_like(imgs, brain, tissue, vox)] = np.nan
     out = np.zeros(brain_full.shape, np.float32)
-    out[box] = lesion_score(imgs, brain, tissue, False, bool(cfg["cap_by_flair"]) and "FLAIR" in imgs)
+    out[box] = score
     return out
 
 

@@ -114,9 +114,18 @@ def test_without_flair_csf_is_not_lesion(subject):
         off = segment.segment_session(imgs, priors, SP, dict(CFG["segment"], no_flair_csf=False)).lesion
         assert dice(truth["lesion"], off) < 0.5, mods
     # black holes (T2w-bright, T1w-dark like CSF, but small and enclosed) are found
-    m = segment.segment_session({k: pre[k] for k in ("T2w", "T1w")}, priors, SP,
-                                CFG["segment"]).lesion
+    imgs = {k: pre[k] for k in ("T2w", "T1w")}
+    m = segment.segment_session(imgs, priors, SP, CFG["segment"]).lesion
     assert lesion_detection(truth["blackhole"], m, spacing=SP)["recall"] >= 0.75
+    # the lesion score the change detector uses: CSF is undefined (NaN: neither lesion
+    # nor normal tissue), the lesions score as in the segmentation
+    z = segment.lesion_zmap(imgs, priors, CFG["segment"], spacing=SP)
+    csf = priors.brain_mask & (priors.csf_prob > 0.9)
+    assert np.isnan(z[csf]).mean() > 0.5
+    plain = truth["lesion"] & ~np.isin(truth["lesion_id"], np.unique(truth["lesion_id"][truth["blackhole"]]))
+    assert np.isfinite(z[plain]).mean() > 0.95        # (a black hole touching CSF is lost)
+    assert np.nanmedian(z[truth["lesion"]]) >= CFG["segment"]["seed_z"]
+    assert np.isfinite(segment.lesion_zmap(pre, priors, CFG["segment"], spacing=SP)).all()
 
 
 def test_impute_flair_from_nearest_visit(subject):
