@@ -360,3 +360,21 @@ def test_report_png_is_small_and_keeps_the_outline_colours(built, cfg):
     for status in ("new", "enlarging", "stable", "shrinking"):
         hexcol = cfg["status_colors"][status].lstrip("#")
         assert tuple(int(hexcol[i:i + 2], 16) for i in (0, 2, 4)) in colours, status
+
+
+def test_methods_say_how_visits_without_flair_were_segmented(result):
+    """The methods text names the visits segmented with an imputed FLAIR, or says that no
+    visit had FLAIR; with every FLAIR it says neither."""
+    import dataclasses
+
+    from lesiontrack.report._html import methods_paragraphs
+
+    def text(res):
+        return " ".join(p["text"] for p in methods_paragraphs(res))
+
+    assert "imputed" not in text(result) and "No visit had FLAIR" not in text(result)
+    prov = dict(result.provenance, flair_imputed_from={"ses-02": "ses-01"})
+    t = text(dataclasses.replace(result, provenance=prov))
+    assert "ses-02 was segmented with a FLAIR imputed from ses-01" in t
+    images = {s: {m: a for m, a in im.items() if m != "FLAIR"} for s, im in result.images.items()}
+    assert "No visit had FLAIR" in text(dataclasses.replace(result, images=images))

@@ -107,6 +107,16 @@ def methods_paragraphs(result) -> list:
     for key, text in _STEPS:
         if key in cfg:
             paras.append(dict(text=text, settings=_settings(cfg[key])))
+    imputed = prov.get("flair_imputed_from") or {}
+    if imputed:
+        paras.append(dict(text="Without FLAIR, " + "; ".join(
+            f"{ses} was segmented with a FLAIR imputed from {src} plus the significant T2w change"
+            for ses, src in imputed.items()) + " (lesiontrack.segment.impute_flair); lesion change "
+            "was tested on T2w, the contrast every visit has.", settings=""))
+    elif sids and mods and "FLAIR" not in mods:
+        paras.append(dict(text="No visit had FLAIR: lesions were segmented from T2w (and T1w) with the "
+                          "CSF spaces and their partial-volume rims left out, which finds fewer "
+                          "lesions, periventricular ones especially, than with FLAIR.", settings=""))
     vers = prov.get("versions") or {}
     if vers:
         paras.append(dict(text="Software: " + ", ".join(f"{k} {v}" for k, v in vers.items()) + ".",
