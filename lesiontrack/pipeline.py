@@ -239,8 +239,12 @@ def run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None, prog
         seg_in, imputed = segment.impute_flair(seg_in, priors, spacing, cfg["segment"])
     imputed = {sids[i]: sids[j] for i, j in imputed.items()}
     for sid, src in imputed.items():
-        log.info("sub-%s %s: no FLAIR; segmented with a FLAIR imputed from %s and the T2w change",
-                 subject, sid, src)
+        log.warning("sub-%s %s: no FLAIR; segmented with a FLAIR imputed from %s and the T2w "
+                    "change", subject, sid, src)
+    if not ext_aligned and not any("FLAIR" in pre[sid] for sid in sids):
+        log.warning("sub-%s: no visit has FLAIR; lesions are segmented from T2w%s with the CSF "
+                    "spaces left out, which finds fewer lesions than with FLAIR", subject,
+                    " and T1w" if any("T1w" in pre[sid] for sid in sids) else "")
     masks = [segment.segment_session(seg_in[k], priors, spacing, cfg["segment"],
                                      lesion_mask=ext_aligned.get(sid), widths=widths)
              for k, sid in enumerate(sids)]
