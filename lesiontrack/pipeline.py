@@ -245,6 +245,11 @@ def run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None, prog
         log.warning("sub-%s: no visit has FLAIR; lesions are segmented from T2w%s with the CSF "
                     "spaces left out, which finds fewer lesions than with FLAIR", subject,
                     " and T1w" if any("T1w" in pre[sid] for sid in sids) else "")
+    elif not ext_aligned:
+        for k, sid in enumerate(sids):     # no visit with both FLAIR and T2w to impute from
+            if "FLAIR" not in seg_in[k]:
+                log.warning("sub-%s %s: no FLAIR, and no visit with both FLAIR and T2w to impute it "
+                            "from; segmented from T2w with the CSF spaces left out", subject, sid)
     masks = [segment.segment_session(seg_in[k], priors, spacing, cfg["segment"],
                                      lesion_mask=ext_aligned.get(sid), widths=widths)
              for k, sid in enumerate(sids)]
@@ -256,6 +261,10 @@ def run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None, prog
     # the image-evidence test subtracts one contrast between sessions: FLAIR where every
     # session has it, else T2w, else none (mask-only rules)
     change_mod = next((m for m in ("FLAIR", "T2w") if all(m in pre[sid] for sid in sids)), None)
+    if change_mod is None and len(sids) > 1:
+        log.warning("sub-%s: neither FLAIR nor T2w is present at every visit; lesion change is "
+                    "judged on the masks alone (no subtraction evidence), and masks segmented "
+                    "from different contrasts differ where the lesions do not", subject)
     flair = [pre[sid][change_mod] for sid in sids] if change_mod else None
     # per-session lesion evidence (z) lets the tracker confirm change in the images themselves
     lesion_z = ([segment.lesion_zmap(seg_in[k], priors, cfg["segment"], widths, spacing)
