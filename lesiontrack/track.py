@@ -345,21 +345,30 @@ def _step(t, prev: _State, lab, n, mask, ev, memory, first_seen, next_id, c, vv,
     # of a lesion decides enlarging / shrinking
     gain = _confirmed(mask & ~prev.mask, +1, ev, c, vv)
     loss = _confirmed(prev.mask & ~mask, -1, ev, c, vv)
-    up = np.bincount(lineage[lab[gain]], minlength=n + 1) * vv
-    down = np.bincount(m.dest[prev.lab[loss]], minlength=n + 1) * vv
+    if ev is not None:
+        # the boundary change of a lesion breaks into one-voxel fragments on a coarse grid:
+        # a lesion's whole gain (loss), tested as one region, also counts towards its
+        # status (the drawn map keeps the components confirmed on their own)
+        g_all = _confirmed(mask & ~prev.mask, +1, ev, c, vv, groups=(lab, n)) | gain
+        l_all = _confirmed(prev.mask & ~mask, -1, ev, c, vv, groups=(prev.lab, prev.n)) | loss
+    else:
+        g_all, l_all = gain, loss
+    up = np.bincount(lineage[lab[g_all]], minlength=n + 1) * vv
+    down = np.bincount(m.dest[prev.lab[l_all]], minlength=n + 1) * vv
+    del g_all, l_all
     cont = ~is_cand
     cont[0] = False
     if ev is not None:
         need = detectable_change(v0, s0, vv, c, relative=False)
         st = np.full(n + 1, STABLE, np.int8)
-        st[(up >= need) & (up > down)] = ENLARGING
-        st[(down >= need) & (down > up)] = SHRINKING
+        st[(up - down >= need)] = ENLARGING
+        st[(down - up >= need)] = SHRINKING
         if det is not None:                    # detected change: significant by its own test
             up_d = np.bincount(lineage[lab[det_gain]], minlength=n + 1) * vv
             down_d = np.bincount(m.dest[prev.lab[det_loss & prev.mask]], minlength=n + 1) * vv
             free = (st == STABLE) & cont       # only the detected voxels are drawn for these
-            st[free & (up_d >= c["min_change_mm3"]) & (up_d > down_d)] = ENLARGING
-            st[free & (down_d >= c["min_change_mm3"]) & (down_d > up_d)] = SHRINKING
+            st[free & (up_d - down_d >= need)] = ENLARGING
+            st[free & (down_d - up_d >= need)] = SHRINKING
             gain &= ~free[lineage][lab]
             loss &= ~free[m.dest][prev.lab]
         status[cont] = st[lineage][cont]
@@ -373,8 +382,8 @@ def _step(t, prev: _State, lab, n, mask, ev, memory, first_seen, next_id, c, vv,
     chg[gain & grow[lab]] = 1
     chg[loss & shrink[prev.lab]] = 2
     if det is not None:          # detected change: lesion-like and significantly changed
-        chg[det_gain] = 1
-        chg[det_loss] = 2
+        chg[det_gain & grow[lab]] = 1
+        chg[det_loss & (shrink[prev.lab] | (prev.lab == 0))] = 2
 
     if memory is not None and vanished.any():
         foot = vanished[prev.lab]
@@ -408,7 +417,7 @@ def _reuse_ids(ids, lab, is_cand, memory) -> None:
     memory[np.isin(memory, mid[uniq])] = 0
 
 
-def _confirmed(cand: np.ndarray, sign: int, ev, c: dict, vv: float) -> np.ndarray:
+def _confirmed(cand: np.ndarray, sign: int, ev, c: dict, vv: float, groups=None) -> np.ndarray:
     """Voxels of ``cand`` in connected components that are a detectable change.
 
     A component counts when its volume reaches ``min_change_mm3`` and, with FLAIR
@@ -416,8 +425,13 @@ def _confirmed(cand: np.ndarray, sign: int, ev, c: dict, vv: float) -> np.ndarra
     ``min_intensity_z`` (significance) and a median change of at least
     ``min_voxel_change_z`` voxel noise SDs (size: a large region drifting slightly
     is significant without any voxel having changed lesion status).
+    ``groups=(labels, k)``: the regions are ``cand`` within each of these labels (a
+    lesion's whole gain or loss) instead of its connected components.
     """
-    lab, k = label_components(cand, c["connectivity"])
+    if groups is None:
+        lab, k = label_components(cand, c["connectivity"])
+    else:
+        lab, k = np.where(cand, groups[0], 0), int(groups[1])
     if k == 0:
         return cand
     ok = np.bincount(lab.ravel(), minlength=k + 1) * vv >= c["min_change_mm3"]

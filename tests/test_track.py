@@ -276,3 +276,44 @@ def test_events_consistent_with_maps(seq):
             ch = tr.change[t]
             assert not (ch == 1)[~(masks[t] & ~masks[t - 1])].any()
             assert not (ch == 2)[~(masks[t - 1] & ~masks[t])].any()
+
+
+def test_a_shifted_lesion_is_stable_even_where_the_images_confirm_both_rims(cfg):
+    """A lesion moved by 2 voxels (residual misregistration) gains a crescent on one side
+    and loses one on the other, both real in the subtraction: its net change (+14 %) is
+    below its minimum detectable change, so it is stable, and its rims are not drawn."""
+    rng = np.random.default_rng(3)
+    f = [(1.0 + 0.05 * rng.standard_normal(SHAPE)).astype(np.float32) for _ in range(2)]
+    m0, m1 = ball((17, 18, 18), 5.0), ball((19, 18, 18), 5.1)
+    f[0][m0] += 0.8
+    f[1][m1] += 0.8
+    gained, lost = (m1 & ~m0).sum(), (m0 & ~m1).sum()
+    assert gained > 200 and 0 < gained - lost < 0.15 * m0.sum()
+    tr = track_lesions([m0, m1], (1, 1, 1), cfg, flair=f, brain_mask=np.ones(SHAPE, bool))
+    assert status_of(tr, id_at(tr, 1, (18, 18, 18)), 1).status == "stable"
+    assert not tr.change[1].any()
+
+
+def test_fragmented_loss_of_a_lesion_counts_as_one_region(cfg):
+    """On a coarse grid the lost rim of a shrinking lesion breaks into one-voxel pieces,
+    each below the smallest countable change: together (tested as one region) they are
+    the lesion's loss, so it is shrinking; the pieces are not drawn on their own."""
+    c = dict(cfg, boundary_shift_voxels=0.0)
+    rng = np.random.default_rng(4)
+    f = [(1.0 + 0.05 * rng.standard_normal(SHAPE)).astype(np.float32) for _ in range(2)]
+    m0 = ball((18, 18, 18), 6.5)
+    shell = m0 & ~ball((18, 18, 18), 5.5)
+    holes = shell & (GRID[0] % 2 == 0) & (GRID[1] % 2 == 0) & (GRID[2] % 2 == 0)
+    m1 = m0 & ~holes
+    f[0][m0] += 0.8
+    f[1][m1] += 0.8
+    assert label_components(holes, 3)[1] == holes.sum() > 20      # isolated single voxels
+    spacing = (2.0, 2.0, 2.0)                                       # 8 mm^3 < min_change_mm3
+    tr = track_lesions([m0, m1], spacing, c, flair=f, brain_mask=np.ones(SHAPE, bool))
+    row = status_of(tr, id_at(tr, 1, (18, 18, 18)), 1)
+    assert row.status == "shrinking"
+    assert not tr.change[1].any()
+    # the same pieces without any change in the images: stable
+    g = [f[0], f[0].copy()]
+    tr2 = track_lesions([m0, m1], spacing, c, flair=g, brain_mask=np.ones(SHAPE, bool))
+    assert status_of(tr2, id_at(tr2, 1, (18, 18, 18)), 1).status == "stable"

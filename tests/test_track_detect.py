@@ -145,3 +145,20 @@ def test_a_lesion_drifting_slightly_darker_is_not_drawn_as_lost(cfg):
         tr = track_lesions([big, core], (1, 1, 1), cfg, flair=f, brain_mask=np.ones(SHAPE, bool))
         lost = tr.change[1] == 2
         assert lost[big & ~core].any() == expect
+
+
+def test_a_detected_bump_below_the_lesions_detectable_change_is_not_enlargement(cfg):
+    """A small bright bump on the edge of a large lesion, missed by the segmentation and
+    found by the detector, is below that lesion's minimum detectable change: the lesion
+    stays stable and the bump is not drawn; a large enough one makes it enlarging."""
+    big = ball((18, 18, 18), 7)
+    for r, expect in ((1.6, "stable"), (4.5, "enlarging")):
+        bump = ball((18, 18, 25.5), r) & ~big
+        f, z, brain = images(7, big, big | bump)
+        tr = track_lesions([big, big.copy()], (1, 1, 1), cfg, flair=f, brain_mask=brain, lesion_z=z)
+        lid = int(tr.labels[1][18, 18, 18])
+        row = tr.events[(tr.events.lesion_id == lid) & (tr.events.session_index == 1)]
+        assert bump.sum() * 1.0 >= cfg["min_change_mm3"]
+        assert row.status.iloc[0] == expect, (r, bump.sum())
+        assert (tr.change[1][bump] == 1).any() == (expect == "enlarging")
+        assert not tr.change[1][~bump].any()

@@ -72,14 +72,17 @@ def test_real_change_false_positives(p12):
     assert p12["fp_components"] <= 3
 
 
-def test_real_change_detector_gain(p12):
-    """What the image-driven detector adds over the mask differences alone, on the same
-    masks (measured: sensitivity 0.17 -> 0.20, false-positive components 1 -> 1, voxel
-    Dice 0.445 -> 0.460; before the effect-size rule both had 8 false positives)."""
+def test_real_change_detector_costs_nothing(p12):
+    """The image-driven detector on top of the mask differences, on the same masks: it
+    must not add false positives nor lose change. (Measured: sensitivity 0.17 -> 0.17,
+    false-positive components 1 -> 1, voxel Dice 0.445 -> 0.445. Its one extra finding
+    before, 0.17 -> 0.20, was a 50 mm^3 rim piece of a 2.3 mL lesion, below that lesion's
+    minimum detectable change; such rim pieces are no longer drawn for a lesion that stays
+    stable, because on phantoms they were mostly rims of stable lesions: docs/tracking.md.)"""
     plain = p12["plain"]
-    assert p12["sensitivity"] > plain["sensitivity"]
+    assert p12["sensitivity"] >= plain["sensitivity"]
     assert p12["fp_components"] <= plain["fp_components"]
-    assert p12["dice"] > plain["dice"] + 0.01
+    assert p12["dice"] >= plain["dice"] - 0.005
 
 
 def test_real_change_sensitivity(p12):
