@@ -30,7 +30,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from scipy.special import ndtri
 
-__all__ = ["fdr_threshold", "detect_change"]
+__all__ = ["fdr_threshold", "detect_change", "rescue_missed"]
 
 
 def fdr_threshold(z: np.ndarray, q: float) -> float:
@@ -158,3 +158,80 @@ def detect_change(ev, z_prev: np.ndarray, z_cur: np.ndarray, brain: np.ndarray,
         keep[0] = False
         out.append(keep[lab])
     return out[0], out[1]
+
+
+def rescue_missed(masks, lesion_z, flair, brain: np.ndarray, spacing, c: dict) -> list:
+    """Lesions a visit's segmentation missed that a neighbouring visit found.
+
+    Hysteresis across time: a region that reaches the segmentation's growth level
+    (lesion score at least ``change_absent_z``) at one visit, has no seed there (it is
+    not within one voxel of that visit's lesions), and overlaps a lesion of the previous
+    or the next visit, is lesion at this visit too, when it is a countable lesion
+    (``min_change_mm3``). A region found only at the next visit is kept only where the
+    FLAIR does not brighten significantly into that visit (``min_intensity_z`` and
+    ``min_voxel_change_z``, as for new lesions): there the next visit's lesion is new,
+    and the faint region before it is not yet that lesion. Lesion edges are not touched.
+
+    Parameters
+    ----------
+    masks : list of ndarray (bool)
+        Lesion masks per visit (not modified).
+    lesion_z : list of (ndarray or None)
+        Lesion score per visit (:func:`lesiontrack.segment.lesion_zmap`).
+    flair : list of (ndarray or None) or None
+        Normalised FLAIR per visit (for the test on regions found only at the next visit).
+    brain : ndarray of bool
+    spacing : sequence of 3 float
+    c : dict
+        Checked ``[track]`` settings.
+
+    Returns
+    -------
+    list of ndarray (bool)
+        The masks with the rescued regions added.
+    """
+    from ._track_status import DifferenceEvidence
+
+    st = ndi.generate_binary_structure(3, c["connectivity"])
+    vv = float(np.prod(spacing))
+    out = [m.copy() for m in masks]
+    if not brain.any():
+        return out
+    box = ndi.find_objects(brain.astype(np.uint8))[0]          # work inside the brain's box
+    brain = brain[box]
+    masks = [m[box] for m in masks]
+    lesion_z = [None if z is None else np.asarray(z)[box] for z in lesion_z]
+    flair = None if flair is None else [None if f is None else np.asarray(f)[box] for f in flair]
+    last = len(masks) - 1
+    for t in range(len(masks)):                      # loop over visits
+        if lesion_z[t] is None:
+            continue
+        before = masks[t - 1] if t > 0 else None
+        after = masks[t + 1] if t < last else None
+        near = np.zeros(masks[t].shape, bool)
+        for m in (before, after):
+            if m is not None:
+                near |= m
+        if not near.any():
+            continue
+        free = brain & (np.asarray(lesion_z[t]) >= c["change_absent_z"])
+        free &= ~ndi.binary_dilation(masks[t], st)
+        lab, k = ndi.label(free, structure=st)
+        if k == 0:
+            continue
+        keep = np.bincount(lab[near], minlength=k + 1) > 0
+        keep &= np.bincount(lab.ravel(), minlength=k + 1) * vv >= c["min_change_mm3"]
+        keep[0] = False
+        past = np.zeros(k + 1, bool) if before is None else np.bincount(lab[before], minlength=k + 1) > 0
+        only_next = keep & ~past
+        if only_next.any():
+            newer = np.ones(k + 1, bool)                 # without the images: not rescued
+            if flair is not None and flair[t] is not None and flair[t + 1] is not None:
+                ev = DifferenceEvidence(flair[t], flair[t + 1], brain, masks[t] | after, spacing,
+                                        c["background_mm"])
+                z, eff = ev.scores(lab, k)
+                newer = (np.nan_to_num(z) >= c["min_intensity_z"]) & \
+                        (np.nan_to_num(eff) >= c["min_voxel_change_z"])
+            keep &= ~(only_next & newer)
+        out[t][box] |= keep[lab]
+    return out

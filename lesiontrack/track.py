@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from ._track_detect import detect_change, fdr_threshold
+from ._track_detect import detect_change, fdr_threshold, rescue_missed
 from ._track_match import _first_per_group, label_components, match_components
 from ._track_status import (ENLARGING, NEW, RESOLVED, SHRINKING, STABLE, STATUS,
                             DifferenceEvidence, boundary_shell, detectable_change, volume_status)
@@ -41,7 +41,7 @@ _KEYS = {"connectivity": int, "min_overlap_voxels": int, "min_change_mm3": float
          "boundary_shift_voxels": float, "mdc_z": float, "min_intensity_z": float,
          "min_voxel_change_z": float, "background_mm": float, "baseline_status": str,
          "merged_status": str, "remember_resolved": bool, "change_fdr_q": float,
-         "change_lesion_z": float, "change_absent_z": float}
+         "change_lesion_z": float, "change_absent_z": float, "rescue_missed": bool}
 
 
 class TrackingError(ValueError):
@@ -190,6 +190,8 @@ def track_lesions(lesion_masks, spacing, cfg: dict, flair=None, brain_mask=None,
     full_shape = masks[0].shape
     brain = None if brain_mask is None else np.asarray(brain_mask) > 0
     detected = [None] * len(masks)
+    if lesion_z is not None and brain is not None and c["rescue_missed"] and len(masks) > 1:
+        masks = rescue_missed(masks, lesion_z, flair, brain, spacing, c)
     if flair is not None and lesion_z is not None and brain is not None and c["change_fdr_q"] > 0:
         masks, detected = _add_detected_change(masks, flair, lesion_z, brain, spacing, c)
     # all lesion work happens in this box (holding the detected losses too)

@@ -162,3 +162,47 @@ def test_a_detected_bump_below_the_lesions_detectable_change_is_not_enlargement(
         assert row.status.iloc[0] == expect, (r, bump.sum())
         assert (tr.change[1][bump] == 1).any() == (expect == "enlarging")
         assert not tr.change[1][~bump].any()
+
+
+def _three_visits(seed, contrasts):
+    """Three noisy FLAIR visits with a lesion of the given contrast at each, and scores."""
+    rng = np.random.default_rng(seed)
+    f = [(1.0 + SIGMA * rng.standard_normal(SHAPE)).astype(np.float32) for _ in contrasts]
+    les = ball((18, 18, 18), 3.5)
+    for x, k in zip(f, contrasts):
+        x[les] += k
+    z = [np.maximum((x - 1.0) / SIGMA, 0).astype(np.float32) for x in f]
+    return f, z, les
+
+
+def test_a_lesion_missed_at_one_visit_is_rescued_from_its_neighbours(cfg):
+    """A lesion found at visits 0 and 2 and missed at visit 1, where it still reaches the
+    growth level (score ~3.4, below the seed level 3.5), is lesion at visit 1 too: one
+    stable lesion, not a lesion resolving and coming back."""
+    f, z, les = _three_visits(8, (0.5, 0.17, 0.5))
+    masks = [les.copy(), np.zeros(SHAPE, bool), les.copy()]
+    brain = np.ones(SHAPE, bool)
+    tr = track_lesions(masks, (1, 1, 1), cfg, flair=f, brain_mask=brain, lesion_z=z)
+    assert (tr.labels[1][les] > 0).mean() > 0.8
+    ev = tr.events
+    assert not (ev.status == "resolved").any() and (ev.status.iloc[1:] == "stable").all()
+    off = track_lesions(masks, (1, 1, 1), dict(cfg, rescue_missed=False), flair=f, brain_mask=brain,
+                        lesion_z=z)
+    assert not off.labels[1].any() and (off.events.status == "resolved").any()
+    # nothing is rescued where no neighbouring visit has a lesion
+    tr0 = track_lesions([np.zeros(SHAPE, bool)] * 3, (1, 1, 1), cfg, flair=f, brain_mask=brain,
+                        lesion_z=z)
+    assert not any(lab.any() for lab in tr0.labels[:2])
+
+
+def test_a_faint_region_before_a_new_lesion_is_not_rescued(cfg):
+    """A lesion that appears at visit 1 (the FLAIR brightens strongly) has a faint region
+    at growth level at visit 0 (a precursor, or partial volume): it is not pulled back
+    into visit 0, and the lesion is new at visit 1."""
+    f, z, les = _three_visits(9, (0.15, 0.6, 0.6))
+    masks = [np.zeros(SHAPE, bool), les.copy(), les.copy()]
+    tr = track_lesions(masks, (1, 1, 1), cfg, flair=f, brain_mask=np.ones(SHAPE, bool), lesion_z=z)
+    assert not tr.labels[0].any()
+    lid = int(tr.labels[1][18, 18, 18])
+    row = tr.events[(tr.events.lesion_id == lid) & (tr.events.session_index == 1)]
+    assert row.status.iloc[0] == "new"
