@@ -163,11 +163,12 @@ def detect_change(ev, z_prev: np.ndarray, z_cur: np.ndarray, brain: np.ndarray,
 def rescue_missed(masks, lesion_z, flair, brain: np.ndarray, spacing, c: dict) -> list:
     """Lesions a visit's segmentation missed that a neighbouring visit found.
 
-    Hysteresis across time: a region that reaches the segmentation's growth level
-    (lesion score at least ``change_absent_z``) at one visit, has no seed there (it is
-    not within one voxel of that visit's lesions), and overlaps a lesion of the previous
-    or the next visit, is lesion at this visit too, when it is a countable lesion
-    (``min_change_mm3``). A region found only at the next visit is kept only where the
+    Hysteresis across time: where a lesion of the previous or the next visit (grown by
+    one voxel) reaches the segmentation's growth level at this visit (lesion score at
+    least ``change_absent_z``) without a seed of its own (not within one voxel of this
+    visit's lesions), it is lesion at this visit too, when the region is a countable
+    lesion (``min_change_mm3``). The neighbour's footprint bounds the region: at the
+    growth level alone, T2w-only scores spread into grey matter. A region found only at the next visit is kept only where the
     FLAIR does not brighten significantly into that visit (``min_intensity_z`` and
     ``min_voxel_change_z``, as for new lesions): there the next visit's lesion is new,
     and the faint region before it is not yet that lesion. Lesion edges are not touched.
@@ -215,7 +216,7 @@ def rescue_missed(masks, lesion_z, flair, brain: np.ndarray, spacing, c: dict) -
         if not near.any():
             continue
         free = brain & (np.asarray(lesion_z[t]) >= c["change_absent_z"])
-        free &= ~ndi.binary_dilation(masks[t], st)
+        free &= ~ndi.binary_dilation(masks[t], st) & ndi.binary_dilation(near, st)
         lab, k = ndi.label(free, structure=st)
         if k == 0:
             continue
