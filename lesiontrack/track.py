@@ -16,6 +16,9 @@ each lesion through time:
 * **change maps** — 1 where a new or enlarging lesion gained voxels, 2 where a
   shrinking or resolved lesion lost voxels, in connected components that are a
   detectable change themselves; boundary changes of stable lesions are not drawn;
+* **hysteresis across time** — given the segmentation's lesion scores (``lesion_z``),
+  a lesion one visit missed is taken from a neighbouring visit where it reaches the
+  growth level (``rescue_missed``, :func:`lesiontrack._track_detect.rescue_missed`);
 * **image-driven detection** — given the segmentation's lesion scores (``lesion_z``),
   significant FLAIR change (false-discovery-rate controlled) in voxels that changed
   lesion status is added first (:mod:`lesiontrack._track_detect`), so lesions the
