@@ -11,8 +11,10 @@ each lesion through time:
   surviving ID in later ``labels`` maps; the footprint of a resolved lesion is
   remembered, and a lesion reappearing there gets its old ID back;
 * **status** — new / enlarging / stable / shrinking / resolved by the rules of
-  :mod:`lesiontrack._track_status` (a minimum detectable change, and FLAIR subtraction
-  evidence when the images are given), documented in ``docs/tracking.md``;
+  :mod:`lesiontrack._track_status` (a minimum detectable change; with FLAIR, the
+  volume change measured on the subtraction image by a boundary shift integral and
+  subtraction evidence for new lesions and drawn change), documented in
+  ``docs/tracking.md``;
 * **change maps** — 1 where a new or enlarging lesion gained voxels, 2 where a
   shrinking or resolved lesion lost voxels, in connected components that are a
   detectable change themselves; boundary changes of stable lesions are not drawn;
@@ -34,7 +36,8 @@ import pandas as pd
 from ._track_detect import detect_change, fdr_threshold, rescue_missed
 from ._track_match import _first_per_group, label_components, match_components
 from ._track_status import (ENLARGING, NEW, RESOLVED, SHRINKING, STABLE, STATUS,
-                            DifferenceEvidence, boundary_shell, detectable_change, volume_status)
+                            DifferenceEvidence, boundary_shell, boundary_shift_change,
+                            detectable_change, volume_status)
 
 __all__ = ["Tracking", "TrackingError", "track_lesions", "EVENT_COLUMNS"]
 
@@ -44,7 +47,8 @@ _KEYS = {"connectivity": int, "min_overlap_voxels": int, "min_change_mm3": float
          "boundary_shift_voxels": float, "mdc_z": float, "min_intensity_z": float,
          "min_voxel_change_z": float, "background_mm": float, "baseline_status": str,
          "merged_status": str, "remember_resolved": bool, "change_fdr_q": float,
-         "change_lesion_z": float, "change_absent_z": float, "rescue_missed": bool}
+         "change_lesion_z": float, "change_absent_z": float, "rescue_missed": bool,
+         "min_relative_change": float}
 
 
 class TrackingError(ValueError):
@@ -93,7 +97,7 @@ def _check_cfg(cfg: dict) -> dict:
                             f"got {cfg['connectivity']}")
     for k in ("min_change_mm3", "size_boundary_mm3", "enlarge_rel_small", "enlarge_rel_large",
               "boundary_shift_voxels", "mdc_z", "min_intensity_z", "min_voxel_change_z", "background_mm",
-              "change_lesion_z", "change_absent_z"):
+              "change_lesion_z", "change_absent_z", "min_relative_change"):
         if not out[k] >= 0:
             raise TrackingError(f"[track] {k} must be >= 0, got {cfg[k]}")
     if not 0 <= out["change_fdr_q"] < 1:
@@ -350,25 +354,19 @@ def _step(t, prev: _State, lab, n, mask, ev, memory, first_seen, next_id, c, vv,
     # of a lesion decides enlarging / shrinking
     gain = _confirmed(mask & ~prev.mask, +1, ev, c, vv)
     loss = _confirmed(prev.mask & ~mask, -1, ev, c, vv)
-    if ev is not None:
-        # the boundary change of a lesion breaks into one-voxel fragments on a coarse grid:
-        # a lesion's whole gain (loss), tested as one region, also counts towards its
-        # status (the drawn map keeps the components confirmed on their own)
-        g_all = _confirmed(mask & ~prev.mask, +1, ev, c, vv, groups=(lab, n)) | gain
-        l_all = _confirmed(prev.mask & ~mask, -1, ev, c, vv, groups=(prev.lab, prev.n)) | loss
-    else:
-        g_all, l_all = gain, loss
-    up = np.bincount(lineage[lab[g_all]], minlength=n + 1) * vv
-    down = np.bincount(m.dest[prev.lab[l_all]], minlength=n + 1) * vv
-    del g_all, l_all
     cont = ~is_cand
     cont[0] = False
     if ev is not None:
-        need = detectable_change(v0, s0, vv, c, relative=False)
+        # the lesion's volume change measured in the images (boundary shift integral):
+        # a moved or jittering outline sums to about zero, partial volume counts
+        dv, sd = boundary_shift_change(m.dest[prev.lab], lineage[lab], n, ev, vv)
+        need_b = np.maximum(np.maximum(c["min_change_mm3"], c["mdc_z"] * sd),
+                            c["min_relative_change"] * v0)
         st = np.full(n + 1, STABLE, np.int8)
-        st[(up - down >= need)] = ENLARGING
-        st[(down - up >= need)] = SHRINKING
-        if det is not None:                    # detected change: significant by its own test
+        st[dv >= need_b] = ENLARGING
+        st[-dv >= need_b] = SHRINKING
+        if det is not None:
+            need = detectable_change(v0, s0, vv, c, relative=False)                    # detected change: significant by its own test
             up_d = np.bincount(lineage[lab[det_gain]], minlength=n + 1) * vv
             down_d = np.bincount(m.dest[prev.lab[det_loss & prev.mask]], minlength=n + 1) * vv
             free = (st == STABLE) & cont       # only the detected voxels are drawn for these
@@ -378,6 +376,8 @@ def _step(t, prev: _State, lab, n, mask, ev, memory, first_seen, next_id, c, vv,
             loss &= ~free[m.dest][prev.lab]
         status[cont] = st[lineage][cont]
     else:
+        up = np.bincount(lineage[lab[gain]], minlength=n + 1)
+        down = np.bincount(m.dest[prev.lab[loss]], minlength=n + 1)
         status[(status == ENLARGING) & ~(up[lineage] > 0)] = STABLE
         status[(status == SHRINKING) & ~(down[lineage] > 0)] = STABLE
     grow = (status == NEW) | (status == ENLARGING)
@@ -422,7 +422,7 @@ def _reuse_ids(ids, lab, is_cand, memory) -> None:
     memory[np.isin(memory, mid[uniq])] = 0
 
 
-def _confirmed(cand: np.ndarray, sign: int, ev, c: dict, vv: float, groups=None) -> np.ndarray:
+def _confirmed(cand: np.ndarray, sign: int, ev, c: dict, vv: float) -> np.ndarray:
     """Voxels of ``cand`` in connected components that are a detectable change.
 
     A component counts when its volume reaches ``min_change_mm3`` and, with FLAIR
@@ -430,13 +430,8 @@ def _confirmed(cand: np.ndarray, sign: int, ev, c: dict, vv: float, groups=None)
     ``min_intensity_z`` (significance) and a median change of at least
     ``min_voxel_change_z`` voxel noise SDs (size: a large region drifting slightly
     is significant without any voxel having changed lesion status).
-    ``groups=(labels, k)``: the regions are ``cand`` within each of these labels (a
-    lesion's whole gain or loss) instead of its connected components.
     """
-    if groups is None:
-        lab, k = label_components(cand, c["connectivity"])
-    else:
-        lab, k = np.where(cand, groups[0], 0), int(groups[1])
+    lab, k = label_components(cand, c["connectivity"])
     if k == 0:
         return cand
     ok = np.bincount(lab.ravel(), minlength=k + 1) * vv >= c["min_change_mm3"]

@@ -178,14 +178,16 @@ def _three_visits(seed, contrasts):
 def test_a_lesion_missed_at_one_visit_is_rescued_from_its_neighbours(cfg):
     """A lesion found at visits 0 and 2 and missed at visit 1, where it still reaches the
     growth level (score ~3.4, below the seed level 3.5), is lesion at visit 1 too: one
-    stable lesion, not a lesion resolving and coming back."""
+    lesion with one ID, not a lesion resolving and coming back. (Its FLAIR contrast drops
+    by two thirds at visit 1: measured in the images, it shrinks and grows back.)"""
     f, z, les = _three_visits(8, (0.5, 0.17, 0.5))
     masks = [les.copy(), np.zeros(SHAPE, bool), les.copy()]
     brain = np.ones(SHAPE, bool)
     tr = track_lesions(masks, (1, 1, 1), cfg, flair=f, brain_mask=brain, lesion_z=z)
     assert (tr.labels[1][les] > 0).mean() > 0.8
     ev = tr.events
-    assert not (ev.status == "resolved").any() and (ev.status.iloc[1:] == "stable").all()
+    assert ev.lesion_id.nunique() == 1 and len(ev) == 3
+    assert not (ev.status == "resolved").any() and not (ev.status.iloc[1:] == "new").any()
     off = track_lesions(masks, (1, 1, 1), dict(cfg, rescue_missed=False), flair=f, brain_mask=brain,
                         lesion_z=z)
     assert not off.labels[1].any() and (off.events.status == "resolved").any()

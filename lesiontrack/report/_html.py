@@ -26,7 +26,8 @@ _STEPS = (  # config section -> what the step does (the methods text)
     ("track", "Lesions were matched across visits to give each one identity, and classified per "
               "interval as new, enlarging, stable, shrinking or resolved: a change had to exceed "
               "each lesion's minimum detectable change and, with images at both visits, be "
-              "confirmed on the subtraction image; a region a visit's segmentation missed but a "
+              "measured on the subtraction image (boundary shift integral, against a relative "
+              "and a noise threshold); a region a visit's segmentation missed but a "
               "neighbouring visit found was kept where it reached the growth level "
               "(rescue_missed)"),
 )
