@@ -110,10 +110,12 @@ def boundary_shift_change(key0: np.ndarray, key1: np.ndarray, n: int, ev, voxel_
     inter = (key0 > 0) & (key1 > 0)
     region = ndi.binary_dilation(union, full) & ~ndi.binary_erosion(inter, full)
     owner = np.where(union, key, ndi.grey_dilation(key, footprint=full))[region]
-    idx = np.arange(n + 1)
-    level = np.asarray(ndi.median(ev.level, labels=np.where(inter, key, 0), index=idx), float)
-    level_any = np.asarray(ndi.median(ev.level, labels=key, index=idx), float)
-    level = np.where(np.isfinite(level), level, level_any)
+    level = np.full(n + 1, np.nan)
+    for where in (union, inter):                  # a lesion's level: over its core if it has one
+        k = key[where]
+        present = np.flatnonzero(np.bincount(k, minlength=n + 1)[1:]) + 1
+        if present.size:
+            level[present] = ndi.median(ev.level[where], labels=k, index=present)
     contrast = np.maximum(np.nan_to_num(level) - 1.0, MIN_CONTRAST)
     d = np.clip((ev.diff[region] - ev.offset) / contrast[owner], -1.0, 1.0)
     change = np.bincount(owner, weights=d, minlength=n + 1) * voxel_volume

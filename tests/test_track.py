@@ -348,6 +348,9 @@ def test_boundary_shift_change_measures_the_volume_change_in_the_images():
         dv, sd = boundary_shift_change(m0.astype(int), m1.astype(int), 1, ev, 1.0)
         assert abs(dv[1] - expect) < 0.05 * true, (dv[1], expect)
         assert 0 < sd[1] < 0.05 * true
+    # a label with no voxels (a lesion of neither visit here) changes by nothing
+    dv, sd = boundary_shift_change(m0.astype(int), m1.astype(int), 2, ev, 1.0)
+    assert dv[2] == 0 and sd[2] == 0
 
 
 def test_a_moved_lesion_whose_new_rim_was_missed_is_stable(cfg):
