@@ -7,9 +7,13 @@ the peak (mode) and half-width of the intensity histogram of white matter and of
 grey matter (voxels with a high MNI prior probability), statistics that neither
 lesions nor atlas misregistration move.
 
-1. *Lesions*. For FLAIR and T2w, a voxel's hyperintensity is the smaller of its
-   z-scores against the white- and the grey-matter peak (it must be abnormal for
-   either tissue where the atlas allows grey matter). The contrasts are combined
+1. *Lesions*. For FLAIR and T2w, a voxel's hyperintensity is its z-score against the
+   white-matter peak; where the atlas allows grey matter, it is the z-score of the
+   voxel's upper-tail probability under the two tissues mixed in the atlas' proportions
+   (a voxel as bright as normal grey matter is common where grey matter is likely and
+   rare where it is not; the smaller of the two z-scores, used before, treated a voxel
+   with a 5 % grey-matter prior as grey matter and hid periventricular lesions next to
+   the deep grey matter at 2 mm). The contrasts are combined
    by the geometric mean of their z-scores, so a voxel must be abnormal on both
    (CSF is bright on T2w but dark on FLAIR). Lesions grow by hysteresis from
    confident seeds (``seed_z``) through connected voxels above ``grow_z``; each
@@ -53,6 +57,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy import ndimage as ndi
+from scipy.special import ndtr, ndtri
 from skimage.filters import threshold_otsu
 
 from ._seg_measures import lesion_measures
@@ -148,14 +153,24 @@ class _Tissue:
 
     def z_hyper(self, key, arr):
         """Hyperintensity z against normal white matter and, where the atlas allows grey
-        matter (``gm_possible``), the smaller of the z-scores against the WM and GM peaks."""
+        matter (``gm_possible``), against the mixture of the two tissues the atlas expects
+        there: the voxel's upper-tail probability ``P = w Phi(-z_wm) + g Phi(-z_gm)``
+        (``w``, ``g`` = the WM and GM priors scaled to sum to 1) as a z-score,
+        ``-Phi^-1(P)``. Only voxels brighter than the WM peak are scored this way (the
+        others score at most 0, which the lesion score clips)."""
         pw, pg = self.peak(key, arr, "wm"), self.peak(key, arr, "gm")
         zw = arr - np.float32(pw.mode)
         zw *= np.float32(1.0 / pw.sigma_low)
-        zg = arr - np.float32(pg.mode)
-        zg *= np.float32(1.0 / pg.sigma_low)
-        np.minimum(zw, zg, out=zg)
-        return np.where(self.gm_possible, zg, zw)
+        sel = self.gm_possible & (zw > 0)
+        if sel.any():
+            z1 = zw[sel].astype(np.float64)
+            z2 = (arr[sel].astype(np.float64) - pg.mode) / pg.sigma_low
+            wm, gm = self.wm_prob[sel], self.gm_prob[sel]
+            g = gm / np.maximum(wm + gm, 1e-6)
+            p = (1.0 - g) * ndtr(-z1) + g * ndtr(-z2)
+            # beyond ~37 SDs both tails underflow: the voxel is far brighter than either tissue
+            zw[sel] = np.where(p > 0, -ndtri(np.maximum(p, 1e-300)), np.minimum(z1, z2))
+        return zw
 
 
 def lesion_score(images: dict, brain, tissue: _Tissue, use_t1: bool = False,

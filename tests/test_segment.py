@@ -320,3 +320,35 @@ def test_phantom_1mm(tmp_path):
     print(f"phantom 1 mm: Dice per visit {np.round(dices, 3)}, mean {np.mean(dices):.3f}; F1 {f1}")
     assert np.mean(dices) >= 0.85
     assert all(v >= 0.9 for v in f1.values()), f1
+
+
+def test_hyperintensity_is_scored_against_the_tissue_mixture_the_atlas_expects():
+    """Where the atlas allows grey matter, a voxel as bright as bright-normal grey matter
+    (1.7 GM widths above its peak, 5.5 WM widths above the WM peak) is common if grey
+    matter is likely and rare if it is not: it reaches the growth level (2.5) with a 5 %
+    grey-matter prior and stays below it with 70 %. (The smaller of the two z-scores,
+    used before, gave 1.7 at both.) Where grey matter is not possible the score is the
+    white-matter z."""
+    from scipy.special import ndtr, ndtri
+
+    rng = np.random.default_rng(0)
+    shape = (40, 40, 40)
+    wm, gm = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+    img = np.empty(shape, np.float32)
+    wm[:20], gm[20:] = 1.0, 1.0
+    img[:20] = rng.normal(1.0, 0.04, (20, 40, 40))
+    img[20:] = rng.normal(1.1, 0.07, (20, 40, 40))
+    probe = {(5, 5, 5): (0.95, 0.05), (25, 5, 5): (0.3, 0.7), (10, 10, 10): (1.0, 0.0)}
+    for (i, j, k), (w, g) in probe.items():
+        wm[i, j, k], gm[i, j, k] = w, g
+    t = segment._Tissue(np.ones(shape, bool), wm, gm, CFG["segment"])
+    pw, pg = t.peak("FLAIR", img, "wm"), t.peak("FLAIR", img, "gm")
+    x = np.float32(pg.mode + 1.7 * pg.sigma_low)
+    for p in probe:
+        img[p] = x
+    z = t.z_hyper("FLAIR", img)
+    zw, zg = (x - pw.mode) / pw.sigma_low, (x - pg.mode) / pg.sigma_low
+    assert zw > 4.5 and zg == pytest.approx(1.7, abs=0.01)
+    assert z[5, 5, 5] >= 2.5 > z[25, 5, 5] > zg - 0.01
+    assert z[5, 5, 5] == pytest.approx(-ndtri(0.95 * ndtr(-zw) + 0.05 * ndtr(-zg)), abs=1e-4)
+    assert z[10, 10, 10] == pytest.approx(zw, abs=1e-4)
