@@ -163,13 +163,14 @@ class _Tissue:
         zw *= np.float32(1.0 / pw.sigma_low)
         sel = self.gm_possible & (zw > 0)
         if sel.any():
-            z1 = zw[sel].astype(np.float64)
-            z2 = (arr[sel].astype(np.float64) - pg.mode) / pg.sigma_low
+            z1 = zw[sel]
+            z2 = (arr[sel] - np.float32(pg.mode)) * np.float32(1.0 / pg.sigma_low)
             wm, gm = self.wm_prob[sel], self.gm_prob[sel]
-            g = gm / np.maximum(wm + gm, 1e-6)
-            p = (1.0 - g) * ndtr(-z1) + g * ndtr(-z2)
-            # beyond ~37 SDs both tails underflow: the voxel is far brighter than either tissue
-            zw[sel] = np.where(p > 0, -ndtri(np.maximum(p, 1e-300)), np.minimum(z1, z2))
+            g = (gm / np.maximum(wm + gm, 1e-6)).astype(np.float32)
+            p = (1 - g) * ndtr(-z1) + g * ndtr(-z2)
+            # beyond ~13 SDs both tails underflow (float32): far brighter than either tissue
+            tiny = np.finfo(np.float32).tiny
+            zw[sel] = np.where(p > tiny, -ndtri(np.maximum(p, tiny)), np.minimum(z1, z2))
         return zw
 
 
