@@ -352,3 +352,22 @@ def test_hyperintensity_is_scored_against_the_tissue_mixture_the_atlas_expects()
     assert z[5, 5, 5] >= 2.5 > z[25, 5, 5] > zg - 0.01
     assert z[5, 5, 5] == pytest.approx(-ndtri(0.95 * ndtr(-zw) + 0.05 * ndtr(-zg)), abs=1e-4)
     assert z[10, 10, 10] == pytest.approx(zw, abs=1e-4)
+
+
+def test_gm_share_allows_for_the_atlas_registration_error():
+    """The mixture's grey-matter share is taken from priors smoothed by the atlas'
+    registration uncertainty: white matter 2 mm from the atlas' grey matter gets a share
+    of it (0 without the smoothing), deep white matter none; computed once per grid."""
+    from lesiontrack.preprocess import Priors
+
+    shape = (30, 30, 30)
+    wm, gm = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+    wm[:15], gm[15:] = 1.0, 1.0
+    z = np.zeros(shape, np.float32)
+    priors = Priors(np.ones(shape, bool), wm, gm, z, z.astype(np.uint8), True)
+    cfg = dict(CFG["segment"], atlas_uncertainty_mm=3.0)
+    share = segment.gm_share(priors, (1.0, 1.0, 1.0), cfg)
+    assert 0.1 < share[13, 15, 15] < 0.5 and share[2, 15, 15] < 1e-3 and share[28, 15, 15] > 0.99
+    assert segment.gm_share(priors, (1.0, 1.0, 1.0), cfg) is share          # cached
+    sharp = segment.gm_share(priors, (1.0, 1.0, 1.0), dict(cfg, atlas_uncertainty_mm=0.0))
+    assert sharp[13, 15, 15] == 0 and sharp[15, 15, 15] == 1
