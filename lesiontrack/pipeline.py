@@ -429,13 +429,13 @@ def _write_outputs(bids_dir, output_dir, subject, sessions, native, grid, al, ma
         save(lab, bids.deriv_path(out, subject, ses, "anat", space="individual", desc="lesions", suffix="dseg"))
         # native space (the session reference's grid)
         back = sitk_bridge.inverse(al.transforms[sid][ref_mod])
-        native_lesion = sitk_bridge.resample(grid.with_data(m.lesion.astype(np.uint8), is_label=True),
-                                             ref_img, back)
+        native_lesion = sitk_bridge.resample_labels(grid.with_data(m.lesion.astype(np.uint8), is_label=True),
+                                                    ref_img, back)
         save(native_lesion, bids.deriv_path(out, subject, ses, "anat", label="lesion", suffix="mask"))
         if tr.change[i] is not None:
             ch = grid.with_data(tr.change[i].astype(np.uint8), is_label=True)
             save(ch, bids.deriv_path(out, subject, ses, "anat", space="individual", desc="change", suffix="dseg"))
-            save(sitk_bridge.resample(ch, ref_img, back),
+            save(sitk_bridge.resample_labels(ch, ref_img, back),
                  bids.deriv_path(out, subject, ses, "anat", desc="change", suffix="dseg"))
 
     sdir = out / f"sub-{subject}"

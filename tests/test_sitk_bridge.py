@@ -179,6 +179,67 @@ def test_label_maps_are_resampled_nearest_neighbour_only():
     assert set(np.unique(forced.data)) <= set(labels.astype(float).tolist())
 
 
+def _ellipsoids(points, n=12, seed=4):
+    """Whether each point (mm, N x 3) lies in one of ``n`` random ellipsoids (radii 1.5-5 mm)."""
+    rng = np.random.default_rng(seed)
+    inside = np.zeros(len(points), bool)
+    for centre, radii in zip(rng.uniform(6, 42, (n, 3)) * [1, 1, 0.75], rng.uniform(1.5, 5, (n, 3))):
+        inside |= (((points - centre) / radii) ** 2).sum(axis=1) <= 1
+    return inside
+
+
+def test_resample_labels_matches_the_partial_volume_of_thick_slices():
+    """Lesions drawn on a 1 mm grid, written onto 1 x 1 x 3 mm slices (a native FLAIR grid).
+    The truth on the slices is where the lesions fill at least half of a voxel, from the
+    shapes themselves; nearest-neighbour sampling sees only the middle millimetre of each
+    slice."""
+    shape = (48, 48, 36)
+    moving = Image(_ellipsoids(np.indices(shape).reshape(3, -1).T.astype(float)).reshape(shape)
+                   .astype(np.uint8), np.eye(4), is_label=True)
+    thick = np.diag([1.0, 1.0, 3.0, 1.0])
+    thick[:3, 3] = [0.3, -0.2, 1.4]
+    reference = Image(np.zeros((48, 48, 12), np.float32), thick)
+    sub = (np.stack(np.meshgrid(*[(np.arange(k) + 0.5) / k - 0.5 for k in (4, 4, 12)], indexing="ij"),
+                    -1).reshape(-1, 3) * [1, 1, 3])                          # 192 points per voxel
+    centres = reference.world_coords(np.indices(reference.shape).reshape(3, -1).T)
+    frac = np.mean([_ellipsoids(centres + d) for d in sub], axis=0).reshape(reference.shape)
+    truth = frac >= 0.5
+    near = sb.resample(moving, reference).data > 0
+    pv = sb.resample_labels(moving, reference)
+    assert pv.is_label and pv.data.dtype == np.uint8 and pv.shape == reference.shape
+    d_near = 2 * (near & truth).sum() / (near.sum() + truth.sum())
+    d_pv = 2 * (pv.data.astype(bool) & truth).sum() / (pv.data.astype(bool).sum() + truth.sum())
+    print(f"Dice against the partial-volume truth: nearest {d_near:.3f}, resample_labels {d_pv:.3f}")
+    assert d_pv >= d_near + 0.02
+    vol = float(moving.data.sum())
+    assert abs(pv.data.astype(bool).sum() * 3.0 - vol) <= 0.05 * vol   # volume kept
+
+
+def test_resample_labels_keeps_each_label_and_its_volume():
+    data = np.zeros((30, 30, 30), np.uint8)
+    data[5:15, 8:20, 6:24] = 1
+    data[15:24, 8:20, 6:24] = 2                      # touching the first
+    moving = Image(data, np.eye(4), is_label=True)
+    coarse = np.diag([1.5, 1.5, 3.0, 1.0])
+    coarse[:3, 3] = [0.2, 0.4, 0.9]
+    reference = Image(np.zeros((20, 20, 10), np.float32), coarse)
+    out = sb.resample_labels(moving, reference).data
+    assert set(np.unique(out)) == {0, 1, 2}
+    for v in (1, 2):
+        src = (data == v).sum()
+        assert abs((out == v).sum() * 6.75 - src) <= 0.1 * src
+    # onto a grid as fine as the source, it is nearest-neighbour sampling
+    t = _euler((0.1, -0.05, 0.08), (0.3, -0.4, 0.2), (15.0, 15.0, 15.0))
+    same = Image(np.zeros((30, 30, 30), np.float32), np.eye(4))
+    np.testing.assert_array_equal(sb.resample_labels(moving, same, t).data,
+                                  sb.resample(moving, same, t).data)
+    # no label: an empty map on the reference grid; 4D: an error
+    empty = sb.resample_labels(moving.with_data(np.zeros_like(data)), reference)
+    assert empty.shape == reference.shape and not empty.data.any()
+    with pytest.raises(ValueError, match="3D"):
+        sb.resample_labels(Image(np.zeros((4, 4, 4, 2), np.uint8), np.eye(4), is_label=True), reference)
+
+
 def _random_affine_transform(seed):
     rng = np.random.default_rng(seed)
     m = np.eye(4)
