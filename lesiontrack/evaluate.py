@@ -3,7 +3,8 @@
 The individual space of a run is arbitrary (unbiased between visits), so every
 comparison goes through the transforms: the run's ``individual -> image`` maps and
 the truth's ``world -> image`` maps. Lesion masks are compared on the truth's world
-grid (the run's mask carried there through each session's reference image);
+grid (the run's mask carried there through each session's reference image), and the
+native-grid lesion mask on its own grid (``native_lesion_*``, the truth carried there);
 registration error is measured image-to-image (each contrast against the first
 session's reference), which does not depend on the choice of either space.
 """
@@ -101,6 +102,17 @@ def evaluate_subject(output_dir, truth_dir, bids_dir, subject, min_volume_mm3=10
             row[f"{label}_precision"] = det["precision"]
             row[f"{label}_truth_mm3"] = float(truth.sum() * world.voxel_volume)
             row[f"{label}_pred_mm3"] = float(pred.sum() * world.voxel_volume)
+        # the native-grid lesion mask against the truth sampled onto that grid
+        native_p = bids.deriv_path(out, subject, ses, "anat", label="lesion", suffix="mask")
+        if native_p.exists() and tl is not None:
+            pred = load_image(native_p, is_label=True)
+            t_img = load_image(tl, is_label=True)
+            truth = sitk_bridge.resample(t_img.with_data((t_img.data > 0).astype(np.uint8)), pred,
+                                         sitk_bridge.inverse(true[ses, ref])).data > 0
+            det = metrics.lesion_detection(truth, pred.data > 0, spacing=pred.spacing,
+                                           min_volume_mm3=min_volume_mm3)
+            row["native_lesion_dice"] = metrics.dice(truth, pred.data > 0)
+            row["native_lesion_f1"] = det["f1"]
         seg_rows.append(row)
     seg = pd.DataFrame(seg_rows)
     return {"subject": subject, "registration": reg, "segmentation": seg,

@@ -139,3 +139,24 @@ def test_provenance_and_resume(demo_out):
         assert (demo_out / rel).exists(), rel
     # nothing half-written is left behind
     assert not list(demo_out.rglob(".tmp-*"))
+
+
+def test_native_lesion_masks_keep_the_volume_and_match_the_truth(demo_out):
+    """The native-grid lesion masks (FLAIR, 3.6 mm slices) are carried back from the subject
+    space by partial volume: each keeps its subject-space volume, and it is scored against
+    the example's truth on that grid by ``lesiontrack.evaluate``."""
+    from lesiontrack.evaluate import evaluate_run
+    from lesiontrack.image import load_image
+
+    for si in _sessions():
+        sid = f"ses-{si.session}"
+        anat = demo_out / "sub-01" / sid / "anat"
+        nat = load_image(anat / f"sub-01_{sid}_label-lesion_mask.nii.gz", is_label=True)
+        ind = load_image(anat / f"sub-01_{sid}_space-individual_label-lesion_mask.nii.gz", is_label=True)
+        v_nat = (nat.data > 0).sum() * nat.voxel_volume
+        v_ind = (ind.data > 0).sum() * ind.voxel_volume
+        assert abs(v_nat - v_ind) <= 0.05 * v_ind + 2 * nat.voxel_volume, (sid, v_nat, v_ind)
+    seg = evaluate_run(demo_out, TRUTH, BIDS)["01"]["segmentation"]
+    print(seg[["session_id", "lesion_dice", "native_lesion_dice", "native_lesion_f1"]].round(3))
+    assert seg["native_lesion_dice"].notna().all()
+    assert seg["native_lesion_dice"].min() >= 0.6
