@@ -10,13 +10,14 @@ replace the white-matter signal by their own intensity.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["Anatomy", "load_anatomy", "render", "smooth_noise", "TISSUE", "LESION", "ADC"]
+__all__ = ["Anatomy", "load_anatomy", "warp_anatomy", "render", "smooth_noise", "TISSUE", "LESION",
+           "ADC"]
 
 # Relative tissue intensities (white matter = 1) of every rendered contrast.
 # "extra" is the CSF between brain and skull; "b0" is the DWI b = 0 signal (T2-like).
@@ -139,6 +140,38 @@ def load_anatomy(resolution: int, rng, skull: bool = True) -> Anatomy:
     texture = smooth_noise(wm.shape, 2.5 / vox, rng)
     location = _locations(gm, wm, csf, brain, affine, vox)
     return Anatomy(affine, gm, wm, csf, skull_map, scalp_map, brain, texture, location, t1_data)
+
+
+WARP_SMOOTHNESS_MM = 15.0   # SD of the Gaussian that smooths the random anatomy warp
+
+
+def warp_anatomy(anat: Anatomy, rms_mm: float, rng) -> Anatomy:
+    """The anatomy under a random smooth deformation of ``rms_mm`` RMS displacement.
+
+    Real brains differ from the MNI152 template by more than an affine map (ventricle
+    size, deep grey matter, gyral pattern; a few millimetres after affine alignment). A
+    phantom drawn on the template itself fits an atlas carried by an affine registration
+    exactly; this warp makes its anatomy differ from the atlas as a real subject's does.
+    Each displacement component is Gaussian noise smoothed by ``WARP_SMOOTHNESS_MM``,
+    scaled so the displacement's RMS length is ``rms_mm``; every map moves together.
+    """
+    if rms_mm <= 0:
+        return anat
+    vox = anat.spacing
+    disp = [smooth_noise(anat.shape, WARP_SMOOTHNESS_MM / vox, rng) * np.float32(rms_mm / np.sqrt(3) / vox)
+            for _ in range(3)]
+    coords = [np.arange(n, dtype=np.float32).reshape([-1 if a == k else 1 for a in range(3)]) + d
+              for k, (n, d) in enumerate(zip(anat.shape, disp))]
+
+    def move(a, order=1):
+        return ndimage.map_coordinates(a.astype(np.float32, copy=False), coords, order=order,
+                                       mode="nearest").astype(a.dtype, copy=False)
+
+    maps = {k: move(getattr(anat, k)) for k in ("gm", "wm", "csf", "skull", "scalp", "texture",
+                                                 "t1_template")}
+    maps["brain"] = move(anat.brain.astype(np.float32)) > 0.5
+    maps["location"] = move(anat.location, order=0)
+    return replace(anat, **maps)
 
 
 @functools.lru_cache(maxsize=2)

@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     ph.add_argument("--resolution", type=int, choices=[1, 2], default=2, help="template resolution in mm")
     ph.add_argument("--skull", action=argparse.BooleanOptionalAction, default=True,
                     help="draw a skull/scalp ring around the brain (--no-skull: skull-stripped images)")
+    ph.add_argument("--warp", type=float, default=0.0, metavar="MM",
+                    help="RMS displacement (mm) of a random smooth warp of the anatomy away from the "
+                         "MNI152 template it is drawn on (default 0: the template itself)")
     ph.add_argument("-v", "--verbose", action="count", default=0)
 
     rep = sub.add_parser("report", help="rebuild the HTML report from existing derivatives")
@@ -171,6 +174,7 @@ def main(argv=None) -> int:
     from .config import ConfigError, load_config
     from .image import ImageError
     from .cohort import CohortError, RunInterrupted
+    from .phantom import PhantomError
     from .report import ReportError
 
     try:
@@ -178,7 +182,7 @@ def main(argv=None) -> int:
             from .phantom import make_phantom
 
             make_phantom(args.output_dir, n_subjects=args.subjects, seed=args.seed,
-                         resolution=args.resolution, skull=args.skull)
+                         resolution=args.resolution, skull=args.skull, anatomy_warp_mm=args.warp)
             print(f"phantom written: {args.output_dir / 'bids'} (BIDS) and {args.output_dir / 'truth'} (ground truth)")
             return 0
         cfg = load_config(args.config)
@@ -219,7 +223,7 @@ def main(argv=None) -> int:
         print(f"lesiontrack: interrupted by signal {exc.signum}; finished subjects are kept, "
               "rerun the same command to complete the others", file=sys.stderr)
         return 128 + int(exc.signum)
-    except (BIDSError, ImageError, ConfigError, ReportError, CohortError, OSError) as exc:
+    except (BIDSError, ImageError, ConfigError, ReportError, CohortError, PhantomError, OSError) as exc:
         print(f"lesiontrack: error: {exc}", file=sys.stderr)
         return 2
     parser.error(f"unknown command {args.command}")

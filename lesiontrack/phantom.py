@@ -22,7 +22,7 @@ import pandas as pd
 from . import __version__, sitk_bridge
 from ._io import write_json, write_text, write_tsv
 from ._phantom_acquire import SPECS, acquire, plan_acquisition, write_nifti
-from ._phantom_anatomy import LESION, load_anatomy, render
+from ._phantom_anatomy import LESION, load_anatomy, render, warp_anatomy
 from ._phantom_lesions import (ENLARGE, LOCATIONS, N_VISITS, SHRINK, Design,
                                design_lesions, render_visits)
 
@@ -55,7 +55,7 @@ def _rng(seed, subject, purpose):
 
 
 def make_phantom(out_dir, n_subjects: int = 1, seed: int = 0, resolution: int = 2,
-                 progress=None, *, skull: bool = True) -> dict:
+                 progress=None, *, skull: bool = True, anatomy_warp_mm: float = 0.0) -> dict:
     """Write a synthetic longitudinal MS dataset and its ground truth.
 
     Parameters
@@ -67,7 +67,8 @@ def make_phantom(out_dir, n_subjects: int = 1, seed: int = 0, resolution: int = 
         Number of subjects ``sub-01``, ``sub-02``, ... (each with its own lesions,
         poses and noise).
     seed : int
-        Seed; the output is a deterministic function of ``(seed, resolution, skull)``.
+        Seed; the output is a deterministic function of ``(seed, resolution, skull,
+        anatomy_warp_mm)``.
     resolution : {1, 2}
         World-grid spacing in mm; acquisition grids are scaled accordingly
         (e.g. FLAIR 0.9 x 0.9 x 3 mm at 1, 1.8 x 1.8 x 3.6 mm at 2).
@@ -77,12 +78,17 @@ def make_phantom(out_dir, n_subjects: int = 1, seed: int = 0, resolution: int = 
         Keep a skull/scalp ring around the brain, with Rician noise in the air
         (raw-looking images); ``False`` writes skull-stripped images (zero outside
         the brain mask, as brain-extraction tools leave them).
+    anatomy_warp_mm : float
+        RMS displacement (mm, 0-10) of a random smooth warp applied to each subject's
+        anatomy (:func:`lesiontrack._phantom_anatomy.warp_anatomy`). 0, the default,
+        draws the MNI152 template itself, which an atlas-based method fits exactly;
+        3-5 mm is the residual of real brains after an affine alignment to it.
 
     Returns
     -------
     dict
         ``bids`` and ``truth`` (Paths), ``subjects`` (labels), ``seed``,
-        ``resolution``, ``skull`` and ``files``: per subject a dict with
+        ``resolution``, ``skull``, ``anatomy_warp_mm`` and ``files``: per subject a dict with
         ``sessions`` (session id -> modality -> path), ``truth_table`` (Path) and
         ``world`` (the truth world-grid reference).
     """
@@ -92,21 +98,31 @@ def make_phantom(out_dir, n_subjects: int = 1, seed: int = 0, resolution: int = 
         raise PhantomError(f"make_phantom: n_subjects must be an integer 1..99, got {n_subjects!r}")
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise PhantomError(f"make_phantom: seed must be a non-negative integer, got {seed!r}")
+    try:
+        warp = float(anatomy_warp_mm)
+    except (TypeError, ValueError):
+        warp = float("nan")
+    if not 0.0 <= warp <= 10.0:
+        raise PhantomError(f"make_phantom: anatomy_warp_mm must be a number of mm in 0..10, got "
+                           f"{anatomy_warp_mm!r}")
     out = Path(out_dir)
     bids, truth = out / "bids", out / "truth"
-    _write_dataset_files(bids, truth, n_subjects, seed, resolution, skull)
+    _write_dataset_files(bids, truth, n_subjects, seed, resolution, skull, warp)
     files = {}
     for s in range(1, n_subjects + 1):
         label = f"{s:02d}"
-        files[label] = _make_subject(bids, truth, label, s, seed, resolution, skull, progress)
+        files[label] = _make_subject(bids, truth, label, s, seed, resolution, skull, progress, warp)
         if progress is not None:
             progress(f"phantom: sub-{label} written")
     return {"bids": bids, "truth": truth, "subjects": list(files), "seed": int(seed),
-            "resolution": int(resolution), "skull": bool(skull), "files": files}
+            "resolution": int(resolution), "skull": bool(skull), "anatomy_warp_mm": warp,
+            "files": files}
 
 
-def _write_dataset_files(bids, truth, n_subjects, seed, resolution, skull):
+def _write_dataset_files(bids, truth, n_subjects, seed, resolution, skull, warp=0.0):
     cmd = f"lesiontrack phantom OUT --subjects {n_subjects} --seed {seed} --resolution {resolution}"
+    if warp > 0:
+        cmd += f" --warp {warp:g}"
     write_json(bids / "dataset_description.json", {
         "Name": "lesiontrack synthetic longitudinal MS phantom", "BIDSVersion": "1.9.0",
         "DatasetType": "raw", "License": "CC0",
@@ -122,7 +138,8 @@ def _write_dataset_files(bids, truth, n_subjects, seed, resolution, skull):
         "Name": "lesiontrack phantom ground truth", "BIDSVersion": "1.9.0",
         "DatasetType": "derivative",
         "GeneratedBy": [{"Name": "lesiontrack", "Version": __version__, "Description": cmd}],
-        "seed": int(seed), "resolution_mm": int(resolution), "skull": bool(skull)})
+        "seed": int(seed), "resolution_mm": int(resolution), "skull": bool(skull),
+        **({"anatomy_warp_mm": warp} if warp > 0 else {})})
 
 
 def _sessions_table(subject_index, seed) -> pd.DataFrame:
@@ -183,8 +200,8 @@ def _world_images(anat, base, des: Design, vt, t):
     return out
 
 
-def _make_subject(bids, truth, label, s, seed, resolution, skull, progress):
-    anat = load_anatomy(resolution, _rng(seed, s, 1), skull=skull)
+def _make_subject(bids, truth, label, s, seed, resolution, skull, progress, warp=0.0):
+    anat = warp_anatomy(load_anatomy(resolution, _rng(seed, s, 1), skull=skull), warp, _rng(seed, s, 5))
     des = design_lesions(anat, _rng(seed, s, 2))
     visits, events = render_visits(anat, des, _rng(seed, s, 3))
     sub = f"sub-{label}"

@@ -283,6 +283,33 @@ def test_bad_arguments():
         make_phantom("unused", n_subjects=0)
     with pytest.raises(PhantomError, match="seed"):
         make_phantom("unused", seed=-1)
+    for warp in (-1, 11, float("nan"), "far"):
+        with pytest.raises(PhantomError, match="anatomy_warp_mm"):
+            make_phantom("unused", anatomy_warp_mm=warp)
+
+
+def test_anatomy_warp_moves_every_map_by_the_asked_displacement():
+    """Ramps along each axis, warped, give back the displacement field itself."""
+    from lesiontrack._phantom_anatomy import Anatomy, warp_anatomy
+
+    shape, vox = (48, 56, 44), 2.0
+    ijk = np.indices(shape, dtype=np.float32)
+    brain = ((ijk - np.array(shape).reshape(3, 1, 1, 1) / 2) ** 2).sum(0) < 18 ** 2
+    anat = Anatomy(np.diag([vox, vox, vox, 1.0]), gm=ijk[0], wm=ijk[1], csf=ijk[2],
+                   skull=np.zeros(shape, np.float32), scalp=np.zeros(shape, np.float32),
+                   brain=brain, texture=np.zeros(shape, np.float32),
+                   location=(brain * 4).astype(np.uint8), t1_template=np.zeros(shape, np.float32))
+    assert warp_anatomy(anat, 0.0, np.random.default_rng(0)) is anat
+    out = warp_anatomy(anat, 4.0, np.random.default_rng(0))
+    again = warp_anatomy(anat, 4.0, np.random.default_rng(0))
+    np.testing.assert_array_equal(out.gm, again.gm)                    # deterministic
+    inner = (slice(8, -8),) * 3                                          # away from the clamped edges
+    disp = np.stack([(out.gm - ijk[0]), (out.wm - ijk[1]), (out.csf - ijk[2])])[(slice(None),) + inner] * vox
+    rms = float(np.sqrt((disp ** 2).sum(0).mean()))
+    assert 3.0 <= rms <= 5.0, rms
+    assert out.brain.dtype == bool and 0.8 < out.brain.sum() / brain.sum() < 1.2
+    assert set(np.unique(out.location)) <= {0, 4}
+    assert out.gm.dtype == np.float32 and out.gm.shape == shape
 
 
 def test_design_depends_on_seed():
