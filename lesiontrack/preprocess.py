@@ -26,7 +26,7 @@ from scipy import ndimage as ndi
 from . import sitk_bridge
 from ._reg_core import sitk_threads, usable_cpus
 from ._seg_atlas import (LOCATION_NAMES, coarse_fixed, load_templates, location_map,
-                         register_template)
+                         register_template, warp_template)
 from ._seg_stats import tissue_peak
 from .image import Image
 
@@ -108,6 +108,13 @@ def _check_cfg(cfg: dict):
     for key in ("template_resolution", "registration_template_resolution"):
         if int(cfg[key]) not in (1, 2):
             raise PreprocessError(f"[preprocess] {key} must be 1 or 2 (mm), got {cfg[key]!r}")
+    warp = cfg.get("template_warp_mm", 0)
+    if isinstance(warp, bool) or not isinstance(warp, (int, float)) or not (warp == 0 or 10 <= warp <= 200):
+        raise PreprocessError(f"[preprocess] template_warp_mm must be 0 (affine only) or a control-point "
+                              f"spacing of 10-200 mm, got {warp!r}")
+    it = cfg.get("template_warp_iterations", 1)
+    if isinstance(it, bool) or not isinstance(it, int) or it < 1:
+        raise PreprocessError(f"[preprocess] template_warp_iterations must be an integer >= 1, got {it!r}")
 
 
 def tissue_fit(images: list, transform: sitk.Transform, cfg: dict) -> float:
@@ -201,6 +208,8 @@ def prepare_subject(grid_images: dict, cfg: dict) -> Priors:
                      order[best], ", ".join(f"{m} {v:.3f}" for m, v in zip(order, scores)))
             transform = register_template(coarse[best], skullstripped, cfg, init=fits[best],
                                           stages=("affine",))
+        if float(cfg["template_warp_mm"]) > 0:
+            transform = warp_template(grid_images[order[best]], skullstripped, cfg, transform)
     res = int(cfg["template_resolution"])
     tmpl = load_templates(res)
 

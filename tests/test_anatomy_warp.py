@@ -19,18 +19,40 @@ from lesiontrack.phantom import make_phantom
 pytestmark = pytest.mark.slow
 
 
-def test_pipeline_on_an_anatomy_warped_away_from_the_atlas(tmp_path):
+@pytest.fixture(scope="module")
+def warped(tmp_path_factory):
+    root = tmp_path_factory.mktemp("warped")
+    make_phantom(root, n_subjects=1, seed=3, resolution=2, anatomy_warp_mm=4.0)
+    return root
+
+
+def _run(root, out, cfg):
+    pipeline.run_subject(root / "bids", "01", out, cfg, write_report=False)
+    sc = evaluate_run(out, root / "truth", root / "bids")["01"]
+    seg = sc["segmentation"]
+    print(seg[["session_id", "lesion_dice", "lesion_f1", "lesion_precision", "lesion_recall"]].round(3)
+          .to_string(index=False), sc["status"])
+    return seg, sc["status"]
+
+
+def test_pipeline_on_an_anatomy_warped_away_from_the_atlas(warped, tmp_path):
     """Measured (2 mm, seed 3): status 92.0 % (92.0 % unwarped), lesion-wise recall 0.96
     (0.94), precision 0.43 (0.96): grey matter the affine-carried atlas takes for white
     matter is found brighter than white matter, the known cost of an atlas carried by an
     affine registration only."""
-    make_phantom(tmp_path, n_subjects=1, seed=3, resolution=2, anatomy_warp_mm=4.0)
-    out = tmp_path / "out"
-    pipeline.run_subject(tmp_path / "bids", "01", out, load_config(), write_report=False)
-    sc = evaluate_run(out, tmp_path / "truth", tmp_path / "bids")["01"]
-    seg = sc["segmentation"]
-    print(seg[["session_id", "lesion_dice", "lesion_f1", "lesion_precision", "lesion_recall"]].round(3)
-          .to_string(index=False), sc["status"])
-    assert sc["status"]["accuracy"] >= 0.9
+    seg, status = _run(warped, tmp_path / "out", load_config())
+    assert status["accuracy"] >= 0.9
     assert seg["lesion_recall"].mean() >= 0.9
     assert seg["lesion_precision"].mean() >= 0.35
+
+
+def test_template_warp_recovers_the_precision(warped, tmp_path):
+    """``[preprocess] template_warp_mm = 40``: the atlas, refined by a B-spline deformation,
+    follows the warped anatomy. Measured: status 96.8 %, lesion-wise precision 0.88,
+    recall 0.99, F1 0.93, Dice 0.785 (affine only: 92.0 %, 0.43, 0.96, 0.58, 0.54)."""
+    cfg = load_config()
+    cfg["preprocess"]["template_warp_mm"] = 40
+    seg, status = _run(warped, tmp_path / "out", cfg)
+    assert status["accuracy"] >= 0.95
+    assert seg["lesion_precision"].mean() >= 0.8
+    assert seg["lesion_f1"].mean() >= 0.85
