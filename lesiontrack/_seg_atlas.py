@@ -120,6 +120,22 @@ def coarse_fixed(fixed: Image, cfg: dict) -> sitk.Image:
                    float(cfg["registration_voxel_mm"]))
 
 
+def _mi_registration(cfg: dict, moving_mask, fixed_mask=None) -> sitk.ImageRegistrationMethod:
+    """A registration with the template settings: Mattes mutual information on a random
+    sample (fixed seed), linear interpolation, the configured threads."""
+    reg = sitk.ImageRegistrationMethod()
+    if int(cfg.get("threads", 0)) > 0:  # one thread: reruns are byte-identical
+        reg.SetNumberOfThreads(int(cfg["threads"]))
+    reg.SetMetricAsMattesMutualInformation(int(cfg["registration_bins"]))
+    reg.SetMetricSamplingStrategy(reg.RANDOM)
+    reg.SetMetricSamplingPercentage(float(cfg["registration_sampling"]), 1)
+    reg.SetMetricMovingMask(moving_mask)
+    if fixed_mask is not None:
+        reg.SetMetricFixedMask(fixed_mask)
+    reg.SetInterpolator(sitk.sitkLinear)
+    return reg
+
+
 def register_template(fixed: Image, skullstripped: bool, cfg: dict, *, init=None,
                       stages=("similarity", "affine")) -> sitk.Transform:
     """Affine transform mapping points of ``fixed`` (LPS) into the MNI152 template.
@@ -153,16 +169,7 @@ def register_template(fixed: Image, skullstripped: bool, cfg: dict, *, init=None
             transform = aff
         elif transform is not com:
             raise ValueError("the similarity stage starts from the centre-of-mass alignment")
-        reg = sitk.ImageRegistrationMethod()
-        if int(cfg.get("threads", 0)) > 0:  # one thread: reruns are byte-identical
-            reg.SetNumberOfThreads(int(cfg["threads"]))
-        reg.SetMetricAsMattesMutualInformation(int(cfg["registration_bins"]))
-        reg.SetMetricSamplingStrategy(reg.RANDOM)
-        reg.SetMetricSamplingPercentage(float(cfg["registration_sampling"]), 1)
-        reg.SetMetricMovingMask(mmask)
-        if skullstripped:
-            reg.SetMetricFixedMask(fmask)
-        reg.SetInterpolator(sitk.sitkLinear)
+        reg = _mi_registration(cfg, mmask, fmask if skullstripped else None)
         reg.SetOptimizerAsRegularStepGradientDescent(
             learningRate=1.0, minStep=1e-4, numberOfIterations=int(cfg["registration_iterations"]),
             relaxationFactor=0.6, gradientMagnitudeTolerance=1e-6)
@@ -198,20 +205,13 @@ def warp_template(fixed: Image, skullstripped: bool, cfg: dict, affine: sitk.Tra
     extent = np.array(f.GetSize()) * np.array(f.GetSpacing())
     mesh = [max(1, int(round(e / float(cfg["template_warp_mm"])))) for e in extent]
     bspline = sitk.BSplineTransformInitializer(f, mesh, 3)
-    reg = sitk.ImageRegistrationMethod()
-    if int(cfg.get("threads", 0)) > 0:  # one thread: reruns are byte-identical
-        reg.SetNumberOfThreads(int(cfg["threads"]))
-    reg.SetMetricAsMattesMutualInformation(int(cfg["registration_bins"]))
-    reg.SetMetricSamplingStrategy(reg.RANDOM)
-    reg.SetMetricSamplingPercentage(float(cfg["registration_sampling"]), 1)
-    reg.SetMetricMovingMask(sitk.Cast(m > 0, sitk.sitkUInt8))
     if skullstripped:
-        reg.SetMetricFixedMask(sitk.Cast(f > 0, sitk.sitkUInt8))
+        fmask = sitk.Cast(f > 0, sitk.sitkUInt8)
     else:
         brain = sitk.Resample(sitk.Cast(sitk_bridge.to_sitk(t["brain"]), sitk.sitkFloat32), f, affine,
                               sitk.sitkLinear, 0.0) > 0.5
-        reg.SetMetricFixedMask(sitk.BinaryDilate(sitk.Cast(brain, sitk.sitkUInt8), [2, 2, 2]))
-    reg.SetInterpolator(sitk.sitkLinear)
+        fmask = sitk.BinaryDilate(sitk.Cast(brain, sitk.sitkUInt8), [2, 2, 2])
+    reg = _mi_registration(cfg, sitk.Cast(m > 0, sitk.sitkUInt8), fmask)
     reg.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5,
                              numberOfIterations=int(cfg["template_warp_iterations"]),
                              maximumNumberOfCorrections=5, maximumNumberOfFunctionEvaluations=1000,
