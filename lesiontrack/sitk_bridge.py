@@ -222,6 +222,16 @@ def resample_labels(moving: Image, reference: Image, transform: sitk.Transform |
     keeps the label nearest to it. Onto a grid no coarser than the
     moving one along every axis this is :func:`resample`'s nearest-neighbour sampling.
     ``transform`` is as in :func:`resample`.
+
+    Each connected component of the moving map stays one piece (as far as it fills one
+    reference voxel): a cut-off on the covered fraction alone breaks a thin or oblique
+    lesion into islands (it is covered less where it crosses from one thick slice to the
+    next), and each island would count as a lesion. Each component owns the reference
+    voxels nearest to it (its Voronoi cell in the moving grid). Among its most-covered
+    voxels, islands that do not fill one voxel (fractions summing to less than one) are
+    dropped, larger ones are joined to its largest piece by the most-covered path, and
+    the component is grown back to its share by its most-covered neighbouring voxels.
+    The volume is kept but for the joining paths (a few voxels per joined island).
     """
     from scipy import ndimage as ndi
 
@@ -252,10 +262,15 @@ def resample_labels(moving: Image, reference: Image, transform: sitk.Transform |
     # keep the most-covered voxels up to the foreground's volume inside the reference
     # grid (the sum of the partial volumes), so the volume is kept as well
     n = int(round(float(frac.sum(dtype=np.float64))))
-    inside = frac[frac > 0]
-    if n < 1 or inside.size == 0:
+    if n < 1:
         return Image(out, reference.affine, True, moving.source)
-    keep = frac >= np.partition(inside, inside.size - min(n, inside.size))[inside.size - min(n, inside.size)]
+    comps, _ = ndi.label(fg[box], np.ones((3, 3, 3), bool))
+    # every voxel of the box belongs to the component nearest to it (Voronoi cells in the
+    # moving grid), so a thin component owns the voxels it partly covers
+    _, ind = ndi.distance_transform_edt(comps == 0, sampling=spacing, return_indices=True)
+    owner = resample(Image(comps[tuple(ind)].astype(np.int32), moving.affine @ shift, True, moving.source),
+                     reference, t, is_label=True).data
+    keep = _keep_whole(frac, owner, n)
     values = np.unique(data[fg])
     if values.size == 1:
         out[keep] = values[0]
@@ -270,6 +285,86 @@ def resample_labels(moving: Image, reference: Image, transform: sitk.Transform |
             near[sub] = n[tuple(ind)]
         out[keep] = near[keep]
     return Image(out, reference.affine, True, moving.source)
+
+
+def _rank_within(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Rank of each value within its group, largest first (0 for each group's largest)."""
+    order = np.lexsort((-values, groups))
+    g = groups[order]
+    r = np.empty(values.size, np.int64)
+    r[order] = np.arange(values.size) - np.searchsorted(g, g, side="left")
+    return r
+
+
+def _keep_whole(frac: np.ndarray, owner: np.ndarray, n: int, max_rounds: int = 50) -> np.ndarray:
+    """The ``n`` most-covered voxels of ``frac``, with each owner's part made one piece.
+
+    An owner is a connected part of the covered voxels (``frac`` > 0) with one ``owner``
+    value (the moving component nearest to them). Of its most-covered voxels, pieces that
+    do not fill one voxel (their fractions sum to less than one) are dropped unless the
+    largest, pieces that do are joined to the largest by the path of highest coverage
+    inside the owner, and the owner is grown back to its count by its most-covered
+    neighbouring voxels.
+    """
+    from scipy import ndimage as ndi
+    from skimage import graph, measure
+
+    pts = np.argwhere(frac > 0)
+    sub = tuple(slice(a, b + 1) for a, b in zip(pts.min(0), pts.max(0)))
+    f = frac[sub]
+    own = measure.label(np.where(f > 0, owner[sub], 0), background=0, connectivity=3)
+    n_own = int(own.max())
+    inside = f[f > 0]
+    k = inside.size - min(n, inside.size)
+    top = (f >= np.partition(inside, k)[k]) & (own > 0)
+    want = np.bincount(own[top], minlength=n_own + 1)
+    # the pieces of each owner's share: the largest stays, small ones go
+    pieces = measure.label(np.where(top, own, 0), background=0, connectivity=3)
+    n_pieces = int(pieces.max())
+    pv = pieces[top]
+    size = np.bincount(pv, minlength=n_pieces + 1)
+    mass = np.bincount(pv, weights=f[top], minlength=n_pieces + 1)
+    p_owner = np.zeros(n_pieces + 1, np.int64)
+    p_owner[pv] = own[top]
+    ids = np.arange(1, n_pieces + 1)
+    largest = np.zeros(n_pieces + 1, bool)
+    largest[ids[_rank_within(size[1:].astype(np.float64), p_owner[1:]) == 0]] = True
+    lobes = np.flatnonzero(~largest & (mass >= 1.0))
+    keep = (largest | (mass >= 1.0))[pieces] & top
+    struct = np.ones((3, 3, 3), bool)
+    if lobes.size:
+        # join each lobe to its owner's largest piece along the most-covered path inside
+        # the owner (a graph search per owner that has lobes, on the owner's box)
+        boxes = ndi.find_objects(own)
+        main = largest[pieces] & top
+        for o in np.unique(p_owner[lobes]):
+            bb = boxes[o - 1]
+            cost = np.where(own[bb] == o, 1.0 - f[bb] + 0.01, np.inf)
+            mcp = graph.MCP_Geometric(cost, fully_connected=True)
+            reached, _ = mcp.find_costs(np.argwhere(main[bb] & (own[bb] == o)))
+            pc = pieces[bb]
+            for lobe in lobes[p_owner[lobes] == o]:
+                vox = np.flatnonzero(pc == lobe)
+                end = vox[np.argmin(reached.ravel()[vox])]
+                if np.isfinite(reached.ravel()[end]):
+                    path = np.array(mcp.traceback(np.unravel_index(end, cost.shape)))
+                    keep[bb][tuple(path.T)] = True
+    # grow each owner back to its count, most-covered neighbour first
+    big_id = np.iinfo(np.int64).max
+    for _ in range(max_rounds):
+        short = want - np.bincount(own[keep], minlength=n_own + 1)
+        if not (short > 0).any():
+            break
+        hi = ndi.maximum_filter(np.where(keep, own, 0), footprint=struct)
+        lo = ndi.minimum_filter(np.where(keep, own, big_id), footprint=struct)
+        cand = np.flatnonzero(~keep & (own > 0) & ((hi == own) | (lo == own)) & (short[own] > 0))
+        if cand.size == 0:
+            break
+        co = own.ravel()[cand]
+        keep.ravel()[cand[_rank_within(f.ravel()[cand], co) < short[co]]] = True
+    out = np.zeros(frac.shape, bool)
+    out[sub] = keep
+    return out
 
 
 def resample_array(array, moving_affine, reference: Image, transform=None, *, is_label=False):
