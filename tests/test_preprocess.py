@@ -3,6 +3,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 
 from _segment_synthetic import synthetic_subject
 from lesiontrack import preprocess, sitk_bridge
@@ -115,6 +116,29 @@ def test_template_warp_follows_an_anatomy_the_affine_map_cannot():
     d0, d1 = dice(wm_true, wm_affine), dice(wm_true, wm_warped)
     print(f"white matter Dice: affine {d0:.3f}, with the B-spline refinement {d1:.3f}")
     assert d1 >= d0 + 0.05
+    # the warp is carried as a displacement field sampled on the registration grid
+    assert isinstance(refined, sitk.CompositeTransform)
+    assert refined.GetNthTransform(1).GetName() == "DisplacementFieldTransform"
+
+
+def test_template_warp_that_fails_falls_back_to_the_affine_map(monkeypatch, caplog):
+    """A warp whose optimisation breaks down (here: the metric raises, as when a diverging
+    optimisation carries the template out of the image) leaves the affine map, with a
+    warning, instead of failing the subject."""
+    from lesiontrack import _seg_atlas
+
+    t = load_templates(2)
+    subject = Image(t["T1w"].data * (t["brain"].data > 0.5) * 500, t["T1w"].affine)
+
+    def broken(self, fixed, moving):
+        raise RuntimeError("ITK ERROR: All samples map outside moving image buffer.")
+
+    monkeypatch.setattr(sitk.ImageRegistrationMethod, "Execute", broken)
+    identity = sitk_bridge.identity()
+    with caplog.at_level("WARNING"):
+        out = _seg_atlas.warp_template(subject, True, dict(CFG, template_warp_mm=40), identity)
+    assert out is identity
+    assert "template warp failed" in caplog.text and "affine" in caplog.text
 
 
 def test_preprocess_session_same_with_one_or_more_threads(monkeypatch):
