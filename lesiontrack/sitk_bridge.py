@@ -257,25 +257,35 @@ def resample_labels(moving: Image, reference: Image, transform: sitk.Transform |
     frac = ndi.gaussian_filter(fg[box].astype(np.float32), sigma, mode="constant", truncate=3.0)
     shift = np.eye(4)
     shift[:3, 3] = lo
-    crop = Image(frac, moving.affine @ shift, False, moving.source)
-    frac = resample(crop, reference, t, is_label=False).data
+    # and, for a linear transform, inside the part of the reference grid that box covers
+    window = (slice(None),) * 3
+    target = reference
+    if _is_linear(t):
+        corners = np.array(np.meshgrid(*[(a - 0.5, b - 0.5) for a, b in zip(lo, hi)], indexing="ij")).reshape(3, -1).T
+        ijk = _reference_ijk(reference, moving.world_coords(corners), t)
+        rlo = np.maximum(np.floor(ijk.min(0)).astype(int) - 1, 0)
+        rhi = np.minimum(np.ceil(ijk.max(0)).astype(int) + 2, reference.shape[:3])
+        if np.any(rhi <= rlo):
+            return Image(out, reference.affine, True, moving.source)
+        window = tuple(slice(a, b) for a, b in zip(rlo, rhi))
+        rshift = np.eye(4)
+        rshift[:3, 3] = rlo
+        target = Image(np.zeros(tuple(rhi - rlo), np.uint8), reference.affine @ rshift)
+    frac = resample(Image(frac, moving.affine @ shift, False, moving.source), target, t, is_label=False).data
     # keep the most-covered voxels up to the foreground's volume inside the reference
     # grid (the sum of the partial volumes), so the volume is kept as well
     n = int(round(float(frac.sum(dtype=np.float64))))
     if n < 1:
         return Image(out, reference.affine, True, moving.source)
     comps, _ = ndi.label(fg[box], np.ones((3, 3, 3), bool))
-    # every voxel of the box belongs to the component nearest to it (Voronoi cells in the
-    # moving grid), so a thin component owns the voxels it partly covers
-    _, ind = ndi.distance_transform_edt(comps == 0, sampling=spacing, return_indices=True)
-    owner = resample(Image(comps[tuple(ind)].astype(np.int32), moving.affine @ shift, True, moving.source),
-                     reference, t, is_label=True).data
+    owner = _owners(comps, Image(comps, moving.affine @ shift, True, moving.source), target, t, frac)
     keep = _keep_whole(frac, owner, n)
     values = np.unique(data[fg])
+    part = np.zeros(target.shape[:3], data.dtype)
     if values.size == 1:
-        out[keep] = values[0]
+        part[keep] = values[0]
     else:
-        near = resample(Image(data[box], moving.affine @ shift, True, moving.source), reference, t,
+        near = resample(Image(data[box], moving.affine @ shift, True, moving.source), target, t,
                         is_label=True).data
         if (near > 0).any():          # fill the foreground's rim from the nearest label
             pts = np.argwhere(keep | (near > 0))
@@ -283,8 +293,51 @@ def resample_labels(moving: Image, reference: Image, transform: sitk.Transform |
             n = near[sub]
             _, ind = ndi.distance_transform_edt(n == 0, return_indices=True)
             near[sub] = n[tuple(ind)]
-        out[keep] = near[keep]
+        part[keep] = near[keep]
+    out[window] = part
     return Image(out, reference.affine, True, moving.source)
+
+
+def _reference_ijk(reference: Image, ras: np.ndarray, t: sitk.Transform) -> np.ndarray:
+    """Voxel coordinates in ``reference`` of moving points ``ras`` (RAS mm), through the
+    inverse of the linear transform ``t`` (reference -> moving points, LPS)."""
+    flip = np.array([-1.0, -1.0, 1.0])                         # RAS <-> LPS (ITK)
+    ref_ras = transform_points(inverse(t), ras * flip) * flip
+    return (ref_ras - reference.affine[:3, 3]) @ np.linalg.inv(reference.affine[:3, :3]).T
+
+
+def _owners(comps: np.ndarray, moving: Image, reference: Image, t: sitk.Transform,
+            frac: np.ndarray) -> np.ndarray:
+    """The moving component nearest to each covered reference voxel (``frac`` > 0).
+
+    Nearest-neighbour samples of the component labels, plus, for a linear ``t``, the
+    reference voxel holding each moving voxel's centre (so a component thinner than a
+    reference voxel is not missed), filled into the other covered voxels from the
+    nearest labelled one; for other transforms, the moving grid's Voronoi cells.
+    """
+    from scipy import ndimage as ndi
+
+    if not _is_linear(t):
+        _, ind = ndi.distance_transform_edt(comps == 0, sampling=_geometry(moving.affine)[0],
+                                            return_indices=True)
+        return resample(moving.with_data(comps[tuple(ind)].astype(np.int32)), reference, t,
+                        is_label=True).data
+    own = resample(moving.with_data(comps.astype(np.int32)), reference, t, is_label=True).data
+    src = np.argwhere(comps > 0)
+    ijk = np.rint(_reference_ijk(reference, moving.world_coords(src), t)).astype(np.int64)
+    ok = np.all((ijk >= 0) & (ijk < np.array(own.shape)), axis=1)
+    ijk, lab = ijk[ok], comps[tuple(src[ok].T)]
+    empty = own[tuple(ijk.T)] == 0
+    own[tuple(ijk[empty].T)] = lab[empty]
+    cover = frac > 0
+    pts = np.argwhere(cover | (own > 0))
+    sub = tuple(slice(a, b + 1) for a, b in zip(pts.min(0), pts.max(0)))
+    o = own[sub]
+    if (o > 0).any():
+        _, ind = ndi.distance_transform_edt(o == 0, sampling=_geometry(reference.affine)[0],
+                                            return_indices=True)
+        own[sub] = np.where(cover[sub], o[tuple(ind)], 0)
+    return own
 
 
 def _rank_within(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
