@@ -226,8 +226,8 @@ def resample_labels(moving: Image, reference: Image, transform: sitk.Transform |
     Each connected component of the moving map stays one piece (as far as it fills one
     reference voxel): a cut-off on the covered fraction alone breaks a thin or oblique
     lesion into islands (it is covered less where it crosses from one thick slice to the
-    next), and each island would count as a lesion. Each component owns the reference
-    voxels nearest to it (its Voronoi cell in the moving grid). Among its most-covered
+    next), and each island would count as a lesion. Each component owns the covered
+    reference voxels nearest to it (:func:`_owners`). Among its most-covered
     voxels, islands that do not fill one voxel (fractions summing to less than one) are
     dropped, larger ones are joined to its largest piece by the most-covered path, and
     the component is grown back to its share by its most-covered neighbouring voxels.
