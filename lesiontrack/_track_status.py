@@ -265,5 +265,28 @@ def _background(values: np.ndarray, region: np.ndarray, sigma_vox) -> np.ndarray
     w = coarse(region.astype(np.float32))
     ratio = coarse(np.where(region, values, 0).astype(np.float32)) / np.maximum(w, 1e-6)
     ratio[w < 1e-6] = 0.0
-    up = ndi.zoom(ratio.astype(np.float32), k, order=1, mode="nearest", grid_mode=True)
-    return up[: values.shape[0], : values.shape[1], : values.shape[2]]
+    return _upsample_linear(ratio.astype(np.float32), k, values.shape)
+
+
+def _upsample_linear(a: np.ndarray, factors, shape) -> np.ndarray:
+    """Linear interpolation of block means ``a`` back to the full grid ``shape``.
+
+    Block ``j`` of ``f`` voxels along an axis has its centre at voxel ``(j + 0.5) f - 0.5``;
+    outside the first and last centres the edge value is kept (``scipy.ndimage.zoom`` with
+    ``order=1, mode="nearest", grid_mode=True``, cropped). Done one axis at a time, the first
+    axis first (small arrays grow last along the contiguous axis): about ten times faster
+    than ``zoom`` on a 1 mm brain.
+    """
+    out = a
+    for ax, (f, n) in enumerate(zip(factors, shape)):
+        x = np.clip((np.arange(n) + 0.5) / f - 0.5, 0, out.shape[ax] - 1)
+        i0 = np.floor(x).astype(np.intp)
+        i1 = np.minimum(i0 + 1, out.shape[ax] - 1)
+        w = np.expand_dims((x - i0).astype(np.float32), [d for d in range(out.ndim) if d != ax])
+        lo = np.take(out, i0, axis=ax)
+        hi = np.take(out, i1, axis=ax)
+        hi -= lo
+        hi *= w
+        lo += hi
+        out = lo
+    return out

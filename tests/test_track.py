@@ -367,3 +367,18 @@ def test_a_moved_lesion_whose_new_rim_was_missed_is_stable(cfg):
     assert (m0 & ~m1).sum() > 0.3 * m0.sum()
     tr = track_lesions([m0, m1], (1, 1, 1), cfg, flair=f, brain_mask=np.ones(SHAPE, bool))
     assert status_of(tr, id_at(tr, 1, (18, 18, 18)), 1).status == "stable"
+
+
+@pytest.mark.parametrize("shape, factors", [((40, 37, 23), (6, 6, 2)), ((17, 30, 9), (1, 4, 3)),
+                                            ((5, 5, 5), (5, 5, 5))])
+def test_background_upsampling_is_linear_interpolation_of_block_centres(shape, factors):
+    """The slow-difference background is interpolated back from block means exactly as
+    ``scipy.ndimage.zoom(order=1, mode="nearest", grid_mode=True)`` would, only faster."""
+    from scipy import ndimage as ndi
+    from lesiontrack._track_status import _upsample_linear
+    blocks = [-(-n // f) for n, f in zip(shape, factors)]
+    a = np.random.default_rng(0).normal(size=blocks).astype(np.float32)
+    ref = ndi.zoom(a, factors, order=1, mode="nearest", grid_mode=True)[: shape[0], : shape[1], : shape[2]]
+    got = _upsample_linear(a, factors, shape)
+    assert got.shape == shape and got.dtype == np.float32
+    np.testing.assert_allclose(got, ref, atol=1e-5)
