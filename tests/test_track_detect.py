@@ -113,6 +113,32 @@ def test_noise_model_recovers_noise_and_misalignment():
     assert deltab < 0.1 and s0b == pytest.approx(SIGMA * np.sqrt(2), rel=0.15)
 
 
+def test_noise_model_calibrates_intensity_bands_the_gradient_does_not_explain():
+    """Flat tissue at two intensities, the bright band (a partial-volume mixture sampled
+    differently at the two visits) three times noisier: with the intensity calibration z
+    has unit spread in the bright band; without it that spread is 1.8 (the single
+    fitted SD sits between the two bands), the failure it corrects. The quieter band
+    keeps the fitted SD (z spread 0.6: the calibration never scales below 1)."""
+    from lesiontrack._track_detect import noise_model
+    rng = np.random.default_rng(7)
+    mean = np.where(GRID[0] < SHAPE[0] // 2, 1.0, 1.5).astype(np.float32)
+    noise = np.where(mean > 1.2, 3 * SIGMA, SIGMA).astype(np.float32)
+    diff = (noise * rng.standard_normal(SHAPE)).astype(np.float32)
+    region = np.ones(SHAPE, bool)
+    bright = mean > 1.2
+
+    def spread(z):
+        return 1.4826 * np.median(np.abs(z - np.median(z)))
+
+    sd, _, _ = noise_model(diff, mean, region, (1.0, 1.0, 1.0))
+    z = diff / sd
+    assert spread(z[bright]) == pytest.approx(1.0, abs=0.1)
+    assert spread(z[~bright]) < 0.8
+    sd0, _, _ = noise_model(diff, mean, region, (1.0, 1.0, 1.0), by_intensity=False)
+    assert spread((diff / sd0)[bright]) > 1.5
+    assert np.median(sd[~bright]) == pytest.approx(np.median(sd0[~bright]), rel=1e-6)
+
+
 def test_no_change_is_detected_outside_either_field_of_view(cfg):
     """A region imaged at one visit only (zero at the other) is not change."""
     stays, new = ball((10, 10, 10), 4), ball((26, 26, 18), 3)

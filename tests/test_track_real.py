@@ -149,13 +149,18 @@ def test_pipeline_change_map_on_real_patient(p12_pipeline):
     assert p12_pipeline["fp_components"] <= 10
 
 
-def test_pipeline_with_a_visit_without_flair(tmp_path):
-    """The real patient with its first FLAIR withheld (T2w, 3.3 mm slices, and T1w only at
-    that visit). Segmented from T2w/T1w, that visit had 2.6 mL of lesions against 10 mL at
-    the other and 214 false-positive change components; with a FLAIR imputed from visit 2
-    plus the significant T2w change, 14 (20 before each lesion was kept one piece on the
-    native grid, 19 with the native change map resampled nearest-neighbour, 11 before the segmentation's tissue-mixture score, 52 before the CSF
-    guard of the imputation), with 7 true change lesions found and volumes 11.3 / 10.3 mL."""
+@pytest.mark.parametrize("withheld, source, max_fp, min_found",
+                         [("ses-1", "ses-2", 6, 5), ("ses-2", "ses-1", 8, 3)])
+def test_pipeline_with_a_visit_without_flair(tmp_path, withheld, source, max_fp, min_found):
+    """The real patient with one FLAIR withheld (T2w, 3.3 mm slices, and T1w only at that
+    visit); the change is then scored on the T2w pair. Segmented from T2w/T1w, visit 1 had
+    2.6 mL of lesions against 10 mL at the other and 214 false-positive change components.
+    With a FLAIR imputed from the other visit plus the significant T2w change, and the
+    T2w difference's noise calibrated by intensity: visit 1 withheld, 3 false-positive
+    components and 7 of 46 change lesions found, volumes 10.6 / 10.3 mL (14 false
+    positives and 7 found before the intensity calibration; 52 false positives before the
+    CSF guard of the imputation); visit 2 withheld, 4 false positives and 4 found, volumes
+    14.1 / 12.7 mL (9 and 5 before the calibration)."""
     if not (SUB.is_dir() and (TRUTH / "gt.nii.gz").is_file()):
         pytest.skip(f"real longitudinal data not found at {REAL} (not part of the repository)")
     import json
@@ -165,11 +170,11 @@ def test_pipeline_with_a_visit_without_flair(tmp_path):
 
     bids = tmp_path / "bids"
     shutil.copytree(REAL / "longitudinal_bids", bids, symlinks=True,
-                    ignore=shutil.ignore_patterns("sub-p12_ses-1_FLAIR.nii.gz"))
+                    ignore=shutil.ignore_patterns(f"sub-p12_{withheld}_FLAIR.nii.gz"))
     out = tmp_path / "out"
     res = run_subject(bids, "p12", out, load_config(), write_report=False)
     prov = json.loads((out / "sub-p12" / "sub-p12_provenance.json").read_text())
-    assert prov["flair_imputed_from"] == {"ses-1": "ses-2"}
+    assert prov["flair_imputed_from"] == {withheld: source}
     ref = load_image(TRUTH / "brainmask.nii.gz", is_label=True)
     gt = load_image(TRUTH / "gt.nii.gz", is_label=True).data > 0
     r2 = sitk_bridge.read_transform(TRUTH / "study2_FLAIR_to_common_space.txt")
@@ -179,8 +184,8 @@ def test_pipeline_with_a_visit_without_flair(tmp_path):
     det = metrics.lesion_detection(gt, change, spacing=ref.spacing)
     vols = res.sessions["lesion_volume_mm3"].to_numpy()
     print(det, vols)
-    assert det["fp"] <= 20
-    assert det["tp_truth"] >= 5
+    assert det["fp"] <= max_fp
+    assert det["tp_truth"] >= min_found
     assert abs(vols[0] - vols[1]) <= 0.25 * max(vols)
 
 
