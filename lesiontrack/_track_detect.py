@@ -60,6 +60,16 @@ def _gradient_magnitude(img: np.ndarray, spacing) -> np.ndarray:
     return np.sqrt(out, out=out)
 
 
+def _binned_robust_sd(key: np.ndarray, val: np.ndarray, n_bins: int):
+    """Median ``key`` and robust SD (1.4826 MAD) of ``val`` in ``n_bins`` quantile bins of ``key``."""
+    order = np.argsort(key, kind="stable")
+    key, val = key[order], val[order]
+    bins = np.array_split(np.arange(key.size), n_bins)
+    x = np.array([np.median(key[b]) for b in bins])          # loop over the bins
+    sd = np.array([1.4826 * np.median(np.abs(val[b] - np.median(val[b]))) for b in bins])
+    return x, sd
+
+
 def noise_model(diff: np.ndarray, mean_img: np.ndarray, region: np.ndarray, spacing,
                 n_bins: int = 20, by_intensity: bool = True):
     """Voxel-wise noise SD of a difference image: ``k(I) sqrt(s0^2 + (delta |grad|)^2)``.
@@ -94,11 +104,8 @@ def noise_model(diff: np.ndarray, mean_img: np.ndarray, region: np.ndarray, spac
     idx = np.flatnonzero(np.asarray(region).ravel())
     idx = idx[::max(1, idx.size // 400_000)]                 # a sample of the region
     gv, dv = g.ravel()[idx], np.asarray(diff).ravel()[idx]
-    order = np.argsort(gv, kind="stable")
-    gv, dv = gv[order], dv[order]
-    bins = np.array_split(np.arange(gv.size), n_bins)
-    x = np.array([np.median(gv[b]) for b in bins])           # loop over 20 bins
-    v = np.array([(1.4826 * np.median(np.abs(dv[b] - np.median(dv[b])))) ** 2 for b in bins])
+    x, v = _binned_robust_sd(gv, dv, n_bins)
+    v = v * v                                                # robust variances
     a = np.stack([np.ones_like(x), x * x], axis=1)
     coef = np.linalg.lstsq(a, v, rcond=None)[0]
     if coef[1] <= 0:                                     # no gradient term: one SD everywhere
@@ -111,13 +118,7 @@ def noise_model(diff: np.ndarray, mean_img: np.ndarray, region: np.ndarray, spac
     g += np.float32(s0 * s0)
     sd = np.sqrt(g, out=g)
     if by_intensity:
-        iv = mean_img.ravel()[idx]
-        zv = np.asarray(diff).ravel()[idx] / sd.ravel()[idx]
-        order = np.argsort(iv, kind="stable")
-        iv, zv = iv[order], zv[order]
-        bins = np.array_split(np.arange(iv.size), n_bins)
-        x = np.array([np.median(iv[b]) for b in bins])           # loop over 20 bins
-        k = np.array([1.4826 * np.median(np.abs(zv[b] - np.median(zv[b]))) for b in bins])
+        x, k = _binned_robust_sd(mean_img.ravel()[idx], dv / sd.ravel()[idx], n_bins)
         k = np.maximum(np.nan_to_num(k, nan=1.0), 1.0)
         span = float(x[-1] - x[0])
         if np.any(k > 1.0) and span > 0:
