@@ -169,13 +169,25 @@ def detect_change(ev, z_prev: np.ndarray, z_cur: np.ndarray, brain: np.ndarray,
     -------
     gain, loss : ndarray of bool
     """
-    z = ev.diff - np.float32(ev.offset)
+    brain = np.asarray(brain, dtype=bool)
+    shape = brain.shape
+    found = ndi.find_objects(brain.astype(np.uint8))
+    if not found:
+        return np.zeros(shape, bool), np.zeros(shape, bool)
+    # work in the brain's box; its margin (6 voxels) exceeds the reach of the gradient's
+    # Gaussian (4) and of the erosion (1), so every value inside the brain is as on the
+    # full grid
+    box = tuple(slice(max(sl.start - 6, 0), min(sl.stop + 6, n)) for sl, n in zip(found[0], shape))
+    brain = brain[box]
+    z_prev, z_cur = np.asarray(z_prev)[box], np.asarray(z_cur)[box]
+    z = ev.diff[box] - np.float32(ev.offset)
     if f_prev is not None and f_cur is not None and spacing is not None:
-        both = (np.asarray(f_prev) > 0) & (np.asarray(f_cur) > 0)
+        f_prev, f_cur = np.asarray(f_prev)[box], np.asarray(f_cur)[box]
+        both = (f_prev > 0) & (f_cur > 0)
         brain = brain & ndi.binary_erosion(both, ndi.generate_binary_structure(3, 1))
         mean = np.asarray(f_prev, dtype=np.float32) + np.asarray(f_cur, dtype=np.float32)
         mean *= np.float32(0.5)
-        sd, _, _ = noise_model(z, mean, brain & ev.noise_region, spacing)
+        sd, _, _ = noise_model(z, mean, brain & np.asarray(ev.noise_region)[box], spacing)
         del mean
         z /= sd
     else:
@@ -188,13 +200,13 @@ def detect_change(ev, z_prev: np.ndarray, z_cur: np.ndarray, brain: np.ndarray,
         sz = z if sign > 0 else -z
         cand = brain & (sz >= grow) & (like >= c["change_lesion_z"]) & (other < c["change_absent_z"])
         lab, n = ndi.label(cand, structure=st)
-        if n == 0 or not np.isfinite(thr):
-            out.append(np.zeros(z.shape, bool))
-            continue
-        keep = np.bincount(lab[cand & (sz >= thr)], minlength=n + 1) > 0
-        keep &= np.bincount(lab.ravel(), minlength=n + 1) * voxel_volume >= c["min_change_mm3"]
-        keep[0] = False
-        out.append(keep[lab])
+        full = np.zeros(shape, bool)
+        if n > 0 and np.isfinite(thr):
+            keep = np.bincount(lab[cand & (sz >= thr)], minlength=n + 1) > 0
+            keep &= np.bincount(lab.ravel(), minlength=n + 1) * voxel_volume >= c["min_change_mm3"]
+            keep[0] = False
+            full[box] = keep[lab]
+        out.append(full)
     return out[0], out[1]
 
 
