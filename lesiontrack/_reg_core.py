@@ -7,6 +7,7 @@ in ITK resampling direction (fixed point -> moving point, LPS mm).
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -37,6 +38,22 @@ def usable_cpus() -> int:
     if limit.isdigit() and int(limit) > 0:
         n = min(n, int(limit))
     return max(1, n)
+
+
+def parallel_map(fn, items) -> list:
+    """``[fn(x) for x in items]``, side by side on the CPUs this process may use.
+
+    For independent calls that spend their time in SimpleITK filters, numpy or zlib
+    (which release the GIL). Each call keeps SimpleITK's thread setting, so a result
+    does not depend on how many run at once; results come back in ``items``' order and
+    the first exception (in that order) is raised.
+    """
+    items = list(items)
+    n = min(len(items), usable_cpus())
+    if n <= 1:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(fn, items))
 
 
 @contextmanager

@@ -20,7 +20,7 @@ import pandas as pd
 
 from . import __version__, bids, sitk_bridge
 from ._io import write_json, write_tsv
-from ._reg_core import usable_cpus
+from ._reg_core import parallel_map, usable_cpus
 from .config import config_hash
 from .image import Image, load_image, save_image
 from .result import SubjectResult
@@ -110,6 +110,12 @@ def _load_session(si: bids.SessionInputs, cfg) -> tuple[dict, dict]:
     return images, dwimaps
 
 
+def _grid_only(img: Image) -> Image:
+    """``img``'s grid (shape, affine, source) without its voxels: a zero-strided view."""
+    return Image(np.broadcast_to(np.zeros((), img.data.dtype), img.shape), img.affine, img.is_label,
+                 img.source)
+
+
 def _external_masks(lesion_mask_dir, subject, sessions):
     if lesion_mask_dir is None:
         return {}
@@ -174,9 +180,11 @@ def run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None, prog
     order = list(sessions_df["session_id"])
     kept = sorted(kept, key=lambda s: order.index(s.session_id))
     sids = [s.session_id for s in kept]
-    native, dwimaps = {}, {}
-    for si in kept:
-        native[si.session_id], dwimaps[si.session_id] = _load_session(si, cfg)
+    # sessions read side by side (decompression and the DWI fit release the GIL)
+    loaded = parallel_map(lambda si: _load_session(si, cfg), kept)
+    native = {si.session_id: imgs for si, (imgs, _) in zip(kept, loaded)}
+    dwimaps = {si.session_id: maps for si, (_, maps) in zip(kept, loaded)}
+    del loaded
     ext_masks = _external_masks(lesion_mask_dir, subject, kept)
     timing["load_s"] = time.perf_counter() - t_start
 
@@ -203,6 +211,10 @@ def run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None, prog
         aligned[sid] = a
     ext_aligned = {sid: sitk_bridge.resample(m, grid, al.transforms[sid][_ref(native[sid])]).data > 0
                    for sid, m in ext_masks.items()}
+    # from here on the native images serve only as grids (native-space outputs, transform
+    # files): their voxels are released (a read-only zero view of the same shape)
+    native = {sid: {mod: _grid_only(img) for mod, img in mods.items()} for sid, mods in native.items()}
+    del dwimaps, ext_masks
     timing["resample_s"] = time.perf_counter() - t0
 
     # 4. subject priors + per-session preprocessing ----------------------------------

@@ -16,14 +16,15 @@ Examples
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 import SimpleITK as sitk
 
 from . import sitk_bridge
-from ._reg_core import (FitResult, Prepared, RegistrationError, fit_rigid, peak_ratio, prepare,
-                        rotation_angle_deg, similarity, sitk_threads)
+from ._reg_core import (FitResult, Prepared, RegistrationError, fit_rigid, parallel_map, peak_ratio,
+                        prepare, rotation_angle_deg, similarity, sitk_threads)
 from ._reg_template import auto_voxel_size, make_grid, mean_image, recentre
 from .image import Image
 
@@ -243,40 +244,50 @@ def align_subject(images: dict, cfg: dict, progress=None) -> SubjectAlignment:
     if len(sids) > 1:
         n_steps += len(sids) - 1 + len(sids) * int(cfg["template_iterations"])
     step = [0]
+    lock = threading.Lock()
 
-    def tick(name):
-        step[0] += 1
-        if progress is not None:
-            progress(name, step[0], n_steps)
+    def tick(name):   # called from the worker threads: one count, calls in turn
+        with lock:
+            step[0] += 1
+            if progress is not None:
+                progress(name, step[0], n_steps)
 
     intra_lim = (float(cfg["qc_max_rotation_deg"]), float(cfg["qc_max_translation_mm"]))
     long_lim = (float(cfg["qc_max_rotation_deg_longitudinal"]),
                 float(cfg["qc_max_translation_mm_longitudinal"]))
+    # Independent fits run side by side (parallel_map); each keeps cfg["threads"], so the
+    # results do not depend on how many run at once.
     with sitk_threads(cfg["threads"]):
         refs = {sid: images[sid][refs_mod[sid]] for sid in sids}
-        rprep = {sid: prepare(refs[sid], cfg) for sid in sids}
+        rprep = dict(zip(sids, parallel_map(lambda sid: prepare(refs[sid], cfg), sids)))
 
         # within each visit: every contrast onto the visit reference
-        intra, qc = {}, []
-        for sid in sids:
+        pairs = [(sid, mod) for sid in sids for mod in images[sid] if mod != refs_mod[sid]]
+
+        def intra_fit(pair):
+            sid, mod = pair
             ref = refs_mod[sid]
-            intra[sid] = {}
-            for mod in images[sid]:
-                if mod == ref:
-                    continue
-                tick(f"{sid} {mod} -> {ref}")
-                moving = prepare(images[sid][mod], cfg)  # kept only while in use (memory)
-                fit = fit_rigid(rprep[sid], moving, cfg, None)
-                intra[sid][mod] = fit.transform
-                qc.append(_qc(rprep[sid], moving, fit, cfg, (sid, mod, f"{sid}/{ref}"), intra_lim))
+            tick(f"{sid} {mod} -> {ref}")
+            moving = prepare(images[sid][mod], cfg)  # kept only while in use (memory)
+            fit = fit_rigid(rprep[sid], moving, cfg, None)
+            return fit.transform, _qc(rprep[sid], moving, fit, cfg, (sid, mod, f"{sid}/{ref}"), intra_lim)
+
+        intra = {sid: {} for sid in sids}
+        qc = []
+        for (sid, mod), (t, q) in zip(pairs, parallel_map(intra_fit, pairs)):
+            intra[sid][mod] = t
+            qc.append(q)
 
         # across visits: pairwise start, then rigid template iterations
         s0 = sids[0]
         mats = {s0: np.eye(4)}
-        fits = {}
-        for sid in sids[1:]:
+
+        def pairwise(sid):
             tick(f"{sid} {refs_mod[sid]} -> {s0}")
-            fits[sid] = fit_rigid(rprep[s0], rprep[sid], cfg, None)
+            return fit_rigid(rprep[s0], rprep[sid], cfg, None)
+
+        fits = dict(zip(sids[1:], parallel_map(pairwise, sids[1:])))
+        for sid in sids[1:]:
             mats[sid] = sitk_bridge.linear_to_matrix(fits[sid].transform)
         mats = recentre(mats, rprep[s0].centroid)
         voxel = (auto_voxel_size(list(refs.values()), float(cfg["min_voxel_size"]))
@@ -289,9 +300,13 @@ def align_subject(images: dict, cfg: dict, progress=None) -> SubjectAlignment:
             gref = sitk_bridge.to_sitk(Image(np.zeros(shape, np.uint8), aff))
             tmpl = Image(mean_image(refs, rprep, mats, gref), aff, source="individual mean")
             tprep = prepare(tmpl, cfg)
-            for sid in sids:
+
+            def to_template(sid):
                 tick(f"{sid} {refs_mod[sid]} -> individual")
-                fits[sid] = fit_rigid(tprep, rprep[sid], cfg, sitk_bridge.matrix_to_transform(mats[sid]))
+                return fit_rigid(tprep, rprep[sid], cfg, sitk_bridge.matrix_to_transform(mats[sid]))
+
+            fits.update(zip(sids, parallel_map(to_template, sids)))
+            for sid in sids:
                 mats[sid] = sitk_bridge.linear_to_matrix(fits[sid].transform)
             mats = recentre(mats, tprep.centroid)
 
