@@ -161,6 +161,9 @@ def run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None, prog
     output_dir = Path(output_dir)
     n_steps = 8
     bids.check_output_dir(bids_dir, output_dir)
+    if cfg["registration"]["interpolation"] not in ("linear", "bspline"):
+        raise PipelineError("registration.interpolation must be 'linear' or 'bspline', got "
+                            f"{cfg['registration']['interpolation']!r}")
 
     # 1. inputs --------------------------------------------------------------------
     _step(progress, "load", 1, n_steps)
@@ -200,12 +203,16 @@ def run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None, prog
     _step(progress, "resample", 3, n_steps)
     t0 = time.perf_counter()
     aligned = {}
+    interp = cfg["registration"]["interpolation"]
     for sid in sids:
         a = {}
         for mod, img in native[sid].items():
             if mod == "dwi":
                 continue
-            a[mod] = sitk_bridge.resample(img, grid, al.transforms[sid][mod]).data.astype(np.float32)
+            # "bspline": see docs/architecture.md; its undershoot next to edges is clipped
+            # (magnitudes are >= 0)
+            r = sitk_bridge.resample(img, grid, al.transforms[sid][mod], interpolator=interp)
+            a[mod] = r.data.astype(np.float32) if interp == "linear" else np.maximum(r.data, 0, dtype=np.float32)
         for mod, img in dwimaps[sid].items():
             a[mod] = sitk_bridge.resample(img, grid, al.transforms[sid]["dwi"]).data.astype(np.float32)
         aligned[sid] = a

@@ -162,6 +162,10 @@ def inverse(transform: sitk.Transform) -> sitk.Transform:
     return transform.GetInverse()
 
 
+#: Interpolators by name (``resample(..., interpolator="bspline")``; "bspline" is cubic).
+INTERPOLATORS = {"linear": sitk.sitkLinear, "bspline": sitk.sitkBSpline, "nearest": sitk.sitkNearestNeighbor}
+
+
 def resample(moving: Image, reference: Image, transform: sitk.Transform | None = None, *,
              is_label: bool | None = None, default: float = 0.0,
              interpolator: int | None = None) -> Image:
@@ -170,9 +174,14 @@ def resample(moving: Image, reference: Image, transform: sitk.Transform | None =
     ``transform`` maps reference points to moving points (LPS, ITK resampling
     direction); ``None`` means identity (the two share world coordinates). Label
     maps are resampled nearest-neighbour; other images linearly (or with
-    ``interpolator``). 4D images are resampled volume by volume.
+    ``interpolator``: a SimpleITK interpolator or a name in :data:`INTERPOLATORS`).
+    4D images are resampled volume by volume.
     """
     label = moving.is_label if is_label is None else is_label
+    if isinstance(interpolator, str):
+        if interpolator not in INTERPOLATORS:
+            raise ValueError(f"unknown interpolator {interpolator!r}; one of {sorted(INTERPOLATORS)}")
+        interpolator = INTERPOLATORS[interpolator]
     if label:
         interp = sitk.sitkNearestNeighbor
         if interpolator not in (None, sitk.sitkNearestNeighbor):

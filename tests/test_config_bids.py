@@ -96,3 +96,13 @@ def test_deriv_names():
     assert str(p) == "/o/sub-01/ses-02/dwi/sub-01_ses-02_from-dwi_to-individual_mode-image_xfm.txt"
     p = bids.deriv_path("/o", "01", "02", "anat", space="individual", label="lesion", suffix="mask")
     assert p.name == "sub-01_ses-02_space-individual_label-lesion_mask.nii.gz"
+
+
+def test_unknown_interpolation_is_refused_before_any_work(tmp_path):
+    from lesiontrack.pipeline import PipelineError, run_subject
+
+    cfg = load_config(overrides={"registration": {"interpolation": "sinc"}})
+    (tmp_path / "bids").mkdir()
+    with pytest.raises(PipelineError, match="interpolation must be 'linear' or 'bspline', got 'sinc'"):
+        run_subject(tmp_path / "bids", "01", tmp_path / "out", cfg)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
