@@ -15,7 +15,7 @@ import numpy as np
 
 from ._io import atomic_path
 
-__all__ = ["Image", "ImageError", "load_image", "save_image", "crop_image"]
+__all__ = ["Image", "ImageError", "load_image", "save_image", "crop_image", "as_closest_ras"]
 
 
 class ImageError(ValueError):
@@ -143,6 +143,24 @@ def crop_image(img: Image, slices) -> Image:
     aff = img.affine.copy()
     aff[:3, 3] = img.affine[:3, :3] @ starts + img.affine[:3, 3]
     return Image(img.data[tuple(slices[:3])].copy(), aff, img.is_label, img.source)
+
+
+def as_closest_ras(img: Image) -> Image:
+    """``img`` with its array axes permuted and flipped to the storage order closest to
+    RAS+ (lossless: the same voxels at the same world positions).
+
+    The pipeline conforms every input this way when it reads it (as fMRIPrep conforms its
+    inputs to RAS+), so that the same scan stored as LAS, LPS, PSL, ... gives the same
+    arrays, hence the same results: registration samples, pyramid blocks and the subject
+    grid's anchor all follow the array order. An image already in that order is returned
+    as is.
+    """
+    ornt = nib.orientations.io_orientation(img.affine)
+    if np.array_equal(ornt, [[0, 1], [1, 1], [2, 1]]):
+        return img
+    data = np.ascontiguousarray(nib.orientations.apply_orientation(img.data, ornt))
+    affine = img.affine @ nib.orientations.inv_ornt_aff(ornt, img.shape[:3])
+    return Image(data, affine, img.is_label, img.source)
 
 
 def _diagnose(path: Path, exc: Exception) -> str:

@@ -22,7 +22,7 @@ from . import __version__, bids, sitk_bridge
 from ._io import write_json, write_tsv
 from ._reg_core import parallel_map, usable_cpus
 from .config import config_hash
-from .image import Image, load_image, save_image
+from .image import Image, as_closest_ras, load_image, save_image
 from .result import SubjectResult
 
 __all__ = ["run_subject", "subject_is_complete", "PipelineError", "STRUCTURAL"]
@@ -83,31 +83,47 @@ def _step(progress, name, i, n):
 
 
 # --------------------------------------------------------------------------- loading
-def _load_session(si: bids.SessionInputs, cfg) -> tuple[dict, dict]:
-    """Native images of one session (3D each; ``dwi`` = b=0 mean) and DWI maps."""
+def _load_session(si: bids.SessionInputs, cfg) -> tuple[dict, dict, dict]:
+    """Native images of one session (3D each; ``dwi`` = b=0 mean), its DWI maps, and the
+    images' grids as stored in their files.
+
+    The images and maps are conformed to the storage order closest to RAS+
+    (:func:`~lesiontrack.image.as_closest_ras`), so that results do not depend on the
+    files' storage order; the grids (``_grid_only``, in the files' own order) are those of
+    the native-space outputs.
+    """
     from . import dwi as dwi_mod
 
-    images, dwimaps = {}, {}
+    images, dwimaps, grids = {}, {}, {}
+
+    def load(mod, path, ndim):
+        img = load_image(path, ndim=ndim)
+        grids[mod] = _grid_only(img if img.data.ndim == 3 else
+                                Image(img.data[..., 0], img.affine, False, img.source))
+        return as_closest_ras(img)
+
     for mod in STRUCTURAL:
         if mod in si.files:
-            images[mod] = load_image(si.files[mod], ndim=3)
+            images[mod] = load(mod, si.files[mod], 3)
     if "dwi" in si.files:
         if si.bval is None or not si.bval.exists() or not si.bvec.exists():
             log.warning("%s: the .bval/.bvec files beside it are missing (expected %s and %s); "
                         "diffusion measures are skipped for %s", si.files["dwi"], si.bval, si.bvec,
                         si.session_id)
         else:
-            series = load_image(si.files["dwi"], ndim=4)
+            # the trace-weighted maps (mean over directions) do not use the b-vectors'
+            # orientation, so reordering the voxel axes needs no b-vector rotation
+            series = load("dwi", si.files["dwi"], 4)
             bvals, bvecs = dwi_mod.read_bvals_bvecs(si.bval, si.bvec, series.shape[3],
                                                     b0_max=cfg["segment"]["dwi_b0_max"])
             maps = dwi_mod.fit_dwi(series, bvals, bvecs, cfg["segment"])
             images["dwi"] = maps.b0
             dwimaps = {"b1000": maps.b1000, "ADC": maps.adc}
     if "dwi" not in images and "ADC" in si.files:
-        adc = load_image(si.files["ADC"], ndim=3)
+        adc = load("dwi", si.files["ADC"], 3)
         images["dwi"] = adc
         dwimaps = {"ADC": adc}
-    return images, dwimaps
+    return images, dwimaps, grids
 
 
 def _grid_only(img: Image) -> Image:
@@ -185,8 +201,9 @@ def run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None, prog
     sids = [s.session_id for s in kept]
     # sessions read side by side (decompression and the DWI fit release the GIL)
     loaded = parallel_map(lambda si: _load_session(si, cfg), kept)
-    native = {si.session_id: imgs for si, (imgs, _) in zip(kept, loaded)}
-    dwimaps = {si.session_id: maps for si, (_, maps) in zip(kept, loaded)}
+    native = {si.session_id: imgs for si, (imgs, _, _) in zip(kept, loaded)}
+    dwimaps = {si.session_id: maps for si, (_, maps, _) in zip(kept, loaded)}
+    file_grids = {si.session_id: grids for si, (_, _, grids) in zip(kept, loaded)}
     del loaded
     ext_masks = _external_masks(lesion_mask_dir, subject, kept)
     timing["load_s"] = time.perf_counter() - t_start
@@ -219,8 +236,9 @@ def run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None, prog
     ext_aligned = {sid: sitk_bridge.resample(m, grid, al.transforms[sid][_ref(native[sid])]).data > 0
                    for sid, m in ext_masks.items()}
     # from here on the native images serve only as grids (native-space outputs, transform
-    # files): their voxels are released (a read-only zero view of the same shape)
-    native = {sid: {mod: _grid_only(img) for mod, img in mods.items()} for sid, mods in native.items()}
+    # files), in their files' own storage order: their voxels are released
+    native = {sid: {mod: file_grids[sid][mod] for mod in mods} for sid, mods in native.items()}
+    del file_grids
     del dwimaps, ext_masks
     timing["resample_s"] = time.perf_counter() - t0
 

@@ -3,7 +3,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from lesiontrack.image import Image, ImageError, crop_image, load_image, save_image
+from lesiontrack.image import Image, ImageError, as_closest_ras, crop_image, load_image, save_image
 
 
 def _oblique_affine():
@@ -79,6 +79,32 @@ def test_crop_keeps_every_voxel_on_its_world_point():
     ijk = np.array([[0, 0, 0], [4, 5, 3], [2, 1, 2]])
     np.testing.assert_allclose(crop.world_coords(ijk), img.world_coords(ijk + [2, 3, 1]))
     np.testing.assert_array_equal(crop.data[2, 1, 2], img.data[4, 4, 3])
+
+
+@pytest.mark.parametrize("ornt", [[[0, -1], [1, 1], [2, 1]], [[0, -1], [1, -1], [2, 1]],
+                                  [[1, -1], [2, 1], [0, -1]], [[2, 1], [0, 1], [1, -1]]])
+@pytest.mark.parametrize("ndim", [3, 4])
+def test_closest_ras_keeps_every_voxel_on_its_world_point(ornt, ndim):
+    """LAS, LPS, PSL-like and permuted storage orders of an oblique image become the
+    closest-RAS+ order: the same value at the same world point, the same array whatever the
+    order it came in."""
+    import nibabel as nib
+
+    rng = np.random.default_rng(1)
+    shape = (7, 6, 5) + ((3,) if ndim == 4 else ())
+    ras = Image(rng.random(shape).astype(np.float32), _oblique_affine())
+    assert as_closest_ras(ras) is ras                       # already in that order
+    stored = nib.Nifti1Image(ras.data, ras.affine).as_reoriented(np.array(ornt))
+    img = Image(np.asarray(stored.dataobj), stored.affine)
+    assert nib.aff2axcodes(img.affine) != nib.aff2axcodes(ras.affine)
+    out = as_closest_ras(img)
+    np.testing.assert_array_equal(out.data, ras.data)
+    np.testing.assert_allclose(out.affine, ras.affine, atol=1e-12)
+    assert out.data.flags.c_contiguous
+    ijk = np.array([[0, 0, 0], [6, 5, 4], [3, 1, 2]])
+    back = np.round(np.linalg.solve(img.affine, np.c_[out.world_coords(ijk), np.ones(3)].T).T[:, :3]).astype(int)
+    for a, b in zip(ijk, back):
+        np.testing.assert_array_equal(out.data[tuple(a)], img.data[tuple(b)])
 
 
 def test_save_and_load_round_trip(tmp_path):
