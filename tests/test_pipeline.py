@@ -212,3 +212,40 @@ def test_results_do_not_depend_on_the_files_storage_order(tmp_path):
         assert nat.shape == flair.shape and np.allclose(nat.affine, flair.affine, atol=1e-4)
         assert nib.aff2axcodes(nat.affine) != nib.aff2axcodes(
             nib.load(runs[False][0] / rel / f"sub-01_ses-{ses}_FLAIR.nii.gz").affine)
+
+
+def test_ready_adc_maps_in_another_storage_order(tmp_path):
+    """Sessions with a ready ``_ADC`` map instead of a diffusion series, stored PRS: the
+    diffusion-restriction measures are made and the written transform maps the subject
+    space into the ADC file as SimpleITK reads it (the native grid is the file's own)."""
+    import shutil
+
+    from lesiontrack import dwi, pipeline
+    from lesiontrack.config import load_config
+    from lesiontrack.image import load_image
+
+    cfg = load_config()
+    bids_dir = tmp_path / "bids"
+    shutil.copytree(BIDS, bids_dir, ignore=shutil.ignore_patterns("ses-03", "ses-04", "ses-05"))
+    for ses in ("01", "02"):
+        d = bids_dir / "sub-01" / f"ses-{ses}" / "dwi"
+        series = load_image(d / f"sub-01_ses-{ses}_dwi.nii.gz", ndim=4)
+        bvals, bvecs = dwi.read_bvals_bvecs(d / f"sub-01_ses-{ses}_dwi.bval", d / f"sub-01_ses-{ses}_dwi.bvec",
+                                            series.shape[3], b0_max=cfg["segment"]["dwi_b0_max"])
+        adc = dwi.fit_dwi(series, bvals, bvecs, cfg["segment"]).adc
+        img = nib.Nifti1Image(adc.data.astype(np.float32), adc.affine).as_reoriented(
+            np.array([[1, -1], [0, -1], [2, 1]]))
+        nib.save(img, d / f"sub-01_ses-{ses}_ADC.nii.gz")
+        for f in d.glob("*_dwi.*"):
+            f.unlink()
+    out = tmp_path / "out"
+    res = pipeline.run_subject(bids_dir, "01", out, cfg, write_report=False)
+    assert (res.sessions["restricted_volume_mm3"] > 0).any()
+    o = out / "sub-01" / "ses-02" / "dwi"
+    ref = sitk.ReadImage(str(o / "sub-01_ses-02_space-individual_desc-preproc_ADC.nii.gz"), sitk.sitkFloat32)
+    mov = sitk.ReadImage(str(bids_dir / "sub-01" / "ses-02" / "dwi" / "sub-01_ses-02_ADC.nii.gz"), sitk.sitkFloat32)
+    t = sitk.ReadTransform(str(o / "sub-01_ses-02_from-dwi_to-individual_mode-image_xfm.txt"))
+    a = sitk.GetArrayFromImage(ref)
+    r = sitk.GetArrayFromImage(sitk.Resample(mov, ref, t, sitk.sitkLinear, 0.0))
+    m = (a > 0) & (r > 0)
+    assert m.sum() > 10000 and np.corrcoef(a[m], r[m])[0, 1] > 0.99
