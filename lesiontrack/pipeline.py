@@ -219,20 +219,24 @@ def run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None, prog
     # 3. resample every image once, from native data, onto the individual grid -------
     _step(progress, "resample", 3, n_steps)
     t0 = time.perf_counter()
-    aligned = {}
     interp = cfg["registration"]["interpolation"]
-    for sid in sids:
-        a = {}
-        for mod, img in native[sid].items():
-            if mod == "dwi":
-                continue
-            # "bspline": see docs/architecture.md; its undershoot next to edges is clipped
-            # (magnitudes are >= 0)
-            r = sitk_bridge.resample(img, grid, al.transforms[sid][mod], interpolator=interp)
-            a[mod] = r.data.astype(np.float32) if interp == "linear" else np.maximum(r.data, 0, dtype=np.float32)
-        for mod, img in dwimaps[sid].items():
-            a[mod] = sitk_bridge.resample(img, grid, al.transforms[sid]["dwi"]).data.astype(np.float32)
-        aligned[sid] = a
+
+    def resample_one(job):
+        # one SimpleITK thread per image, the images side by side (numpy conversions and
+        # the interpolation both run in parallel; the result does not depend on it)
+        sid, mod, img, name = job
+        key = "dwi" if mod in dwimaps[sid] else mod
+        r = sitk_bridge.resample(img, grid, al.transforms[sid][key], interpolator=name, threads=1).data
+        # "bspline": see docs/architecture.md; its undershoot next to edges is clipped
+        # (magnitudes are >= 0)
+        return r.astype(np.float32) if name == "linear" else np.maximum(r, 0, dtype=np.float32)
+
+    jobs = [(sid, mod, img, interp) for sid in sids for mod, img in native[sid].items() if mod != "dwi"]
+    jobs += [(sid, mod, img, "linear") for sid in sids for mod, img in dwimaps[sid].items()]
+    aligned = {sid: {} for sid in sids}
+    for (sid, mod, _, _), arr in zip(jobs, parallel_map(resample_one, jobs)):
+        aligned[sid][mod] = arr
+    del jobs
     ext_aligned = {sid: sitk_bridge.resample(m, grid, al.transforms[sid][_ref(native[sid])]).data > 0
                    for sid, m in ext_masks.items()}
     # from here on the native images serve only as grids (native-space outputs, transform

@@ -168,14 +168,15 @@ INTERPOLATORS = {"linear": sitk.sitkLinear, "bspline": sitk.sitkBSpline, "neares
 
 def resample(moving: Image, reference: Image, transform: sitk.Transform | None = None, *,
              is_label: bool | None = None, default: float = 0.0,
-             interpolator: int | None = None) -> Image:
+             interpolator: int | None = None, threads: int | None = None) -> Image:
     """Resample ``moving`` onto ``reference``'s grid through ``transform``.
 
     ``transform`` maps reference points to moving points (LPS, ITK resampling
     direction); ``None`` means identity (the two share world coordinates). Label
     maps are resampled nearest-neighbour; other images linearly (or with
     ``interpolator``: a SimpleITK interpolator or a name in :data:`INTERPOLATORS`).
-    4D images are resampled volume by volume.
+    4D images are resampled volume by volume. ``threads``: SimpleITK threads of this call
+    (default: the global setting); the result does not depend on it.
     """
     label = moving.is_label if is_label is None else is_label
     if isinstance(interpolator, str):
@@ -193,8 +194,15 @@ def resample(moving: Image, reference: Image, transform: sitk.Transform | None =
 
     def one(vol):
         src = to_sitk(moving.with_data(vol))
-        out = sitk.Resample(src, ref, t, interp, float(default), src.GetPixelID())
-        return sitk.GetArrayFromImage(out).transpose(2, 1, 0)
+        f = sitk.ResampleImageFilter()
+        f.SetReferenceImage(ref)
+        f.SetTransform(t)
+        f.SetInterpolator(interp)
+        f.SetDefaultPixelValue(float(default))
+        f.SetOutputPixelType(src.GetPixelID())
+        if threads is not None:
+            f.SetNumberOfThreads(int(threads))
+        return sitk.GetArrayFromImage(f.Execute(src)).transpose(2, 1, 0)
 
     if moving.data.ndim == 4:
         data = np.stack([one(moving.data[..., v]) for v in range(moving.shape[3])], axis=-1)

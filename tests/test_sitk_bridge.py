@@ -149,6 +149,19 @@ def test_resample_identity_and_4d_volume_by_volume():
     np.testing.assert_allclose(same.data, data, atol=1e-4)
 
 
+@pytest.mark.parametrize("interpolator", ["linear", "bspline"])
+def test_resample_result_does_not_depend_on_its_thread_count(interpolator):
+    """The pipeline resamples images side by side with one SimpleITK thread each; the
+    result must be that of the default (all-thread) call, bit for bit."""
+    rng = np.random.default_rng(3)
+    img = Image(rng.random((40, 36, 30)).astype(np.float32), ORIENTATIONS["oblique"])
+    ref = Image(np.zeros((45, 41, 33), np.float32), np.diag([0.9, 0.9, 0.9, 1.0]) @ ORIENTATIONS["oblique"])
+    t = sitk.Euler3DTransform((0.0, 0.0, 0.0), 0.05, -0.03, 0.02, (0.4, -0.3, 0.2))
+    one = sb.resample(img, ref, t, interpolator=interpolator, threads=1).data
+    for n in (None, 2, 4):
+        np.testing.assert_array_equal(sb.resample(img, ref, t, interpolator=interpolator, threads=n).data, one)
+
+
 def test_label_maps_are_resampled_nearest_neighbour_only():
     rng = np.random.default_rng(5)
     labels = np.array([0, 3, 7, 200], np.uint8)
