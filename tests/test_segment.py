@@ -371,3 +371,36 @@ def test_gm_share_allows_for_the_atlas_registration_error():
     assert segment.gm_share(priors, (1.0, 1.0, 1.0), cfg) is share          # cached
     sharp = segment.gm_share(priors, (1.0, 1.0, 1.0), dict(cfg, atlas_uncertainty_mm=0.0))
     assert sharp[13, 15, 15] == 0 and sharp[15, 15, 15] == 1
+
+
+def test_a_zero_grey_matter_gate_scores_every_voxel_against_the_mixture():
+    """``gm_possible_min = 0`` (for anatomy the template fits poorly): a voxel as bright as
+    grey matter, 3 mm inside the atlas' white matter where the raw GM prior is 0, is scored
+    against white matter alone by default (a seed, > 3.5) and against the smoothed mixture
+    with the gate at 0 (below the growth level, 2.5): grey matter the affine atlas misplaced
+    by a few mm is not lesion."""
+    from lesiontrack.preprocess import Priors
+
+    rng = np.random.default_rng(1)
+    shape = (40, 40, 40)
+    wm, gm = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+    wm[:20], gm[20:] = 1.0, 1.0
+    img = np.empty(shape, np.float32)
+    img[:20] = rng.normal(1.0, 0.04, (20, 40, 40))
+    img[20:] = rng.normal(1.15, 0.06, (20, 40, 40))
+    z0 = np.zeros(shape, np.float32)
+    priors = Priors(np.ones(shape, bool), wm, gm, z0, z0.astype(np.uint8), True)
+    share = segment.gm_share(priors, (1.0, 1.0, 1.0), CFG["segment"])
+    p = (17, 20, 20)
+    assert gm[p] == 0 and 1e-3 < share[p] < 0.05
+    scores = {}
+    for gate in (CFG["segment"]["gm_possible_min"], 0.0):
+        cfg = dict(CFG["segment"], gm_possible_min=gate)
+        t = segment._Tissue(np.ones(shape, bool), wm, gm, cfg, gm_share=share)
+        pg = t.peak("FLAIR", img, "gm")
+        probe = img.copy()
+        probe[p] = np.float32(pg.mode + 0.5 * pg.sigma_low)  # half a GM width above the GM peak
+        scores[gate] = float(t.z_hyper("FLAIR", probe)[p])
+    assert CFG["segment"]["gm_possible_min"] > 0
+    assert scores[CFG["segment"]["gm_possible_min"]] > CFG["segment"]["seed_z"]
+    assert scores[0.0] < CFG["segment"]["grow_z"]
