@@ -275,12 +275,25 @@ def run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None, prog
               if cfg["segment"]["pool_sessions"] else None)
     # a session with T2w but no FLAIR is segmented with a FLAIR imputed from the nearest
     # FLAIR visit and the T2w change (T2w alone cannot tell lesions from CSF partial volume)
-    seg_in, imputed = ([pre[sid] for sid in sids], {})
+    # and a session with FLAIR but no T2w with a T2w imputed alike (scored on FLAIR alone,
+    # its lesions would differ from the other visits' where the lesions do not); both from
+    # the sessions' own contrasts (an imputed image is never a source)
+    seg_in, imputed, t2w_imputed = ([pre[sid] for sid in sids], {}, {})
     if cfg["segment"]["impute_flair"] and not ext_aligned:
         seg_in, imputed = segment.impute_flair(seg_in, priors, spacing, cfg["segment"])
+    if cfg["segment"]["impute_t2w"] and not ext_aligned:
+        with_t2w, t2w_imputed = segment.impute_t2w([pre[sid] for sid in sids], priors, spacing,
+                                                   cfg["segment"])
+        seg_in = [dict(seg_in[k], T2w=with_t2w[k]["T2w"]) if k in t2w_imputed else seg_in[k]
+                  for k in range(len(sids))]
+        del with_t2w
     imputed = {sids[i]: sids[j] for i, j in imputed.items()}
+    t2w_imputed = {sids[i]: sids[j] for i, j in t2w_imputed.items()}
     for sid, src in imputed.items():
         log.warning("sub-%s %s: no FLAIR; segmented with a FLAIR imputed from %s and the T2w "
+                    "change", subject, sid, src)
+    for sid, src in t2w_imputed.items():
+        log.warning("sub-%s %s: no T2w; segmented with a T2w imputed from %s and the FLAIR "
                     "change", subject, sid, src)
     if not ext_aligned and not any("FLAIR" in pre[sid] for sid in sids):
         log.warning("sub-%s: no visit has FLAIR; lesions are segmented from T2w%s with the CSF "
@@ -348,6 +361,7 @@ def run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None, prog
         "skullstripped": bool(getattr(priors, "skullstripped", False)),
         "template_registered_to": getattr(priors, "template_fit", {}),
         "flair_imputed_from": imputed,
+        "t2w_imputed_from": t2w_imputed,
         "external_lesion_masks": str(lesion_mask_dir) if lesion_mask_dir else None,
         "timing": timing,
     }

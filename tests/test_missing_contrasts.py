@@ -1,8 +1,8 @@
-"""Visits without FLAIR, end to end on a generated phantom and on the real cross-sectional
+"""Visits without FLAIR or T2w, end to end on a generated phantom and on the real cross-sectional
 patient, scored against their truth.
 
 A missing FLAIR is common in clinical series (a protocol change, a lost series, an
-archive that dropped large files). The phantom's FLAIR is deleted from some visits or
+archive that dropped large files). The phantom's FLAIR (or T2w) is deleted from some visits or
 from all of them, the whole pipeline runs and ``lesiontrack.evaluate`` scores its
 segmentation and lesion statuses against the exact truth.
 """
@@ -28,19 +28,19 @@ def phantom(tmp_path_factory):
     return root
 
 
-def _run(phantom, tmp_path, drop_flair):
+def _run(phantom, tmp_path, drop_flair, contrast="FLAIR"):
     import shutil
 
     bids_dir = tmp_path / "bids"
     shutil.copytree(phantom / "bids", bids_dir)
     for ses in drop_flair:
-        (bids_dir / "sub-01" / ses / "anat" / f"sub-01_{ses}_FLAIR.nii.gz").unlink()
+        (bids_dir / "sub-01" / ses / "anat" / f"sub-01_{ses}_{contrast}.nii.gz").unlink()
     out = tmp_path / "out"
     pipeline.run_subject(bids_dir, "01", out, load_config(), write_report=False)
     sc = evaluate_run(out, phantom / "truth", bids_dir)["01"]
     prov = json.loads((out / "sub-01" / "sub-01_provenance.json").read_text())
     seg = sc["segmentation"].set_index("session_id")
-    print(seg[["lesion_dice", "lesion_f1"]].round(3).to_string(), sc["status"])
+    print(seg[["lesion_dice", "lesion_f1", "lesion_precision"]].round(3).to_string(), sc["status"])
     return seg, sc["status"], prov
 
 
@@ -53,6 +53,20 @@ def test_visits_without_flair_are_segmented_with_an_imputed_flair(phantom, tmp_p
     assert "ses-04: no FLAIR; segmented with a FLAIR imputed from ses-03" in caplog.text
     assert seg.loc[["ses-02", "ses-04"], "lesion_dice"].min() >= 0.6
     assert status["accuracy"] >= 0.78
+
+
+
+def test_visits_without_t2w_are_segmented_with_an_imputed_t2w(phantom, tmp_path, caplog):
+    """T2w missing at 2 of 5 visits (the largest files of a series, the first an archive
+    drops). Scored on FLAIR alone, those visits had lesion-wise precision 0.77 / 0.74
+    (status 91.2 %); with a T2w imputed from the nearest visit plus the significant FLAIR
+    change, 1.00 / 1.00 and status 92.0 % (every T2w present: 0.96 / 1.00, 91.2 %)."""
+    seg, status, prov = _run(phantom, tmp_path, ["ses-02", "ses-04"], contrast="T2w")
+    assert prov["t2w_imputed_from"] == {"ses-02": "ses-01", "ses-04": "ses-03"}
+    assert prov["flair_imputed_from"] == {}
+    assert "ses-02: no T2w; segmented with a T2w imputed from ses-01" in caplog.text
+    assert seg.loc[["ses-02", "ses-04"], "lesion_precision"].min() >= 0.9
+    assert status["accuracy"] >= 0.9
 
 
 def test_subject_without_any_flair(phantom, tmp_path, caplog):

@@ -363,8 +363,8 @@ def test_report_png_is_small_and_keeps_the_outline_colours(built, cfg):
 
 
 def test_methods_say_how_visits_without_flair_were_segmented(result):
-    """The methods text names the visits segmented with an imputed FLAIR, or says that no
-    visit had FLAIR; with every FLAIR it says neither."""
+    """The methods text names the visits segmented with an imputed FLAIR (or T2w), or says
+    that no visit had FLAIR; with every FLAIR it says neither."""
     import dataclasses
 
     from lesiontrack.report._html import methods_paragraphs
@@ -378,3 +378,6 @@ def test_methods_say_how_visits_without_flair_were_segmented(result):
     assert "ses-02 was segmented with a FLAIR imputed from ses-01" in t
     images = {s: {m: a for m, a in im.items() if m != "FLAIR"} for s, im in result.images.items()}
     assert "No visit had FLAIR" in text(dataclasses.replace(result, images=images))
+    prov = dict(result.provenance, t2w_imputed_from={"ses-03": "ses-02"})
+    t = text(dataclasses.replace(result, provenance=prov))
+    assert "ses-03 was segmented with a T2w imputed from ses-02" in t

@@ -128,19 +128,26 @@ def test_without_flair_csf_is_not_lesion(subject):
     assert np.isfinite(segment.lesion_zmap(pre, priors, CFG["segment"], spacing=SP)).all()
 
 
+def _a_lesion_appears(pre, priors, truth, seed):
+    """Two visits of the synthetic subject: lesion 1 absent at the first (its voxels NAWM on
+    FLAIR and T2w), present at the second (all contrasts, with fresh noise)."""
+    rng = np.random.default_rng(seed)
+    new = truth["lesion_id"] == 1
+    v0 = dict(pre)
+    for mod in ("FLAIR", "T2w"):
+        v0[mod] = np.where(new, 1.0, pre[mod]).astype(np.float32)
+    v1 = {m: (a + rng.normal(0, 0.02, a.shape)).astype(np.float32) * priors.brain_mask
+          for m, a in pre.items()}
+    return new, v0, v1
+
+
 def test_impute_flair_from_nearest_visit(subject):
     """A visit without FLAIR gets the nearest FLAIR visit's FLAIR plus its significant T2w
     change, in FLAIR units: its stable lesions and its CSF are those of that visit, a new
     T2w lesion appears, T2w noise does not."""
     pre, priors, truth, _ = subject
-    rng = np.random.default_rng(3)
-    ids = truth["lesion_id"]
-    new = ids == 1                                   # a lesion that appears at visit 2
-    v0 = dict(pre)
-    for mod in ("FLAIR", "T2w"):
-        v0[mod] = np.where(new, 1.0, pre[mod]).astype(np.float32)
-    v1 = {m: (a + rng.normal(0, 0.02, a.shape)).astype(np.float32) * priors.brain_mask
-          for m, a in pre.items() if m != "FLAIR"}   # visit 2: no FLAIR, the new lesion on T2w
+    new, v0, full1 = _a_lesion_appears(pre, priors, truth, seed=3)
+    v1 = {m: a for m, a in full1.items() if m != "FLAIR"}   # visit 2: no FLAIR, the new lesion on T2w
     v2 = dict(v0)
     v3 = {"T1w": pre["T1w"]}                         # neither FLAIR nor T2w: left alone
     before = [dict(v) for v in (v0, v1, v2, v3)]
@@ -160,6 +167,31 @@ def test_impute_flair_from_nearest_visit(subject):
     assert lesion_detection(new, m[1], spacing=SP)["recall"] == 1.0
     assert not (m[0] & new).any()
     assert dice(m[0] & other, m[1] & other) > 0.9
+
+
+
+def test_impute_t2w_from_nearest_visit(subject):
+    """The mirror: a visit with FLAIR but no T2w gets the nearest visit's T2w plus its
+    significant FLAIR change, in T2w units, so its lesion score has the same factors as
+    the other visits': unchanged tissue keeps that visit's T2w, a new FLAIR lesion appears
+    on it, and the visit's lesions are those segmented with its real T2w."""
+    pre, priors, truth, _ = subject
+    new, v0, full1 = _a_lesion_appears(pre, priors, truth, seed=4)   # full1: visit 2 as acquired
+    v1 = {m: a for m, a in full1.items() if m != "T2w"}   # ... without its T2w
+    v2 = {"T1w": pre["T1w"]}                         # neither FLAIR nor T2w: left alone
+    out, source = segment.impute_t2w([v0, v1, v2], priors, SP, CFG["segment"])
+    assert source == {1: 0}
+    assert "T2w" not in v1 and out[0] is v0 and out[2] is v2 and "T2w" in out[1]
+    t2 = out[1]["T2w"]
+    far = priors.brain_mask & ~ndi.binary_dilation(truth["lesion"], iterations=2)
+    assert np.mean(t2[far] == v0["T2w"][far]) > 0.98
+    other = truth["lesion"] & ~new
+    assert np.median(t2[new]) > 1.0 + 0.6 * (np.median(pre["T2w"][other]) - 1.0)
+    cfg = CFG["segment"]
+    imputed = segment.segment_session(out[1], priors, SP, cfg).lesion
+    acquired = segment.segment_session(full1, priors, SP, cfg).lesion
+    assert lesion_detection(new, imputed, spacing=SP)["recall"] == 1.0
+    assert dice(acquired, imputed) > 0.95
 
 
 def test_external_mask_is_used(subject):

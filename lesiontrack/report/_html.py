@@ -92,6 +92,13 @@ def _settings(section) -> str:
     return "; ".join(flat)
 
 
+def _imputed_text(imputed: dict, target: str, by: str) -> str:
+    """'Without T2w, ses-2 was segmented with a T2w imputed from ses-1 plus ...' (methods)."""
+    return f"Without {target}, " + "; ".join(
+        f"{ses} was segmented with a {target} imputed from {src} plus the significant {by} change"
+        for ses, src in imputed.items())
+
+
 def methods_paragraphs(result) -> list:
     """The methods text, generated from the run's configuration and software versions.
 
@@ -114,14 +121,18 @@ def methods_paragraphs(result) -> list:
             paras.append(dict(text=text, settings=_settings(cfg[key])))
     imputed = prov.get("flair_imputed_from") or {}
     if imputed:
-        paras.append(dict(text="Without FLAIR, " + "; ".join(
-            f"{ses} was segmented with a FLAIR imputed from {src} plus the significant T2w change"
-            for ses, src in imputed.items()) + " (lesiontrack.segment.impute_flair); lesion change "
-            "was tested on T2w, the contrast every visit has.", settings=""))
+        paras.append(dict(text=_imputed_text(imputed, "FLAIR", "T2w") + " (lesiontrack.segment."
+                          "impute_flair); lesion change was tested on T2w, the contrast every "
+                          "visit has.", settings=""))
     elif sids and mods and "FLAIR" not in mods:
         paras.append(dict(text="No visit had FLAIR: lesions were segmented from T2w (and T1w) with the "
                           "CSF spaces and their partial-volume rims left out, which finds fewer "
                           "lesions, periventricular ones especially, than with FLAIR.", settings=""))
+    t2w_imputed = prov.get("t2w_imputed_from") or {}
+    if t2w_imputed:
+        paras.append(dict(text=_imputed_text(t2w_imputed, "T2w", "FLAIR") + " (lesiontrack.segment."
+                          "impute_t2w), so that every visit's lesions were scored on the same "
+                          "contrasts.", settings=""))
     vers = prov.get("versions") or {}
     if vers:
         paras.append(dict(text="Software: " + ", ".join(f"{k} {v}" for k, v in vers.items()) + ".",
