@@ -130,11 +130,11 @@ def interpolation_advice(native: dict, grid_spacing, interpolation: str) -> str 
     """A warning when linear interpolation meets thick slices and no T2w, else None.
 
     Linear interpolation of slices at least twice as thick as the subject grid's voxels
-    leaves voxels on an acquired slice with the full noise SD and voxels between slices with
-    as little as 0.71 of it; the segmentation's thresholds assume one noise level. The T2w
-    factor of the lesion score hides most of the noise lesions that follow; without T2w at
-    any visit, the real longitudinal patient's change map had 10 false-positive components
-    with linear and 3-5 with cubic interpolation (README, known limits).
+    smooths each voxel by an amount that depends on where it falls between the acquired
+    samples, differently at each visit. The T2w factor of the lesion score hides most of
+    the noise lesions that follow; without T2w at any visit, the real longitudinal patient's
+    change map had 10 false-positive components with linear and 3-5 with cubic
+    interpolation (README, known limits).
 
     Parameters
     ----------
@@ -152,8 +152,8 @@ def interpolation_advice(native: dict, grid_spacing, interpolation: str) -> str 
     if thick < 2.0 * min(grid_spacing):
         return None
     return (f"FLAIR slices of {thick:.1f} mm, a {min(grid_spacing):.1f} mm subject grid and no "
-            "T2w at any visit: with linear interpolation the noise level varies from slice to "
-            "slice and the change map finds more noise lesions; [registration] interpolation = "
+            "T2w at any visit: linear interpolation smooths the voxels unevenly and the change "
+            "map finds more noise lesions; [registration] interpolation = "
             "\"bspline\" is recommended for such data (README, known limits)")
 
 
