@@ -24,7 +24,9 @@ Two tests decide whether a change seen in the masks is called a change
   a jittering outline cancels in the sum, partial volume counts for what it is, and the
   noise of the sum is known from the difference image; the lesion is enlarging
   (shrinking) when the change exceeds ``mdc_z`` times that noise, ``min_change_mm3``
-  and ``min_relative_change`` of its volume.
+  and ``min_relative_change`` of its volume. Where both visits have T2w, the change is
+  measured on the T2w subtraction too and counted only as far as the two acquisitions
+  agree (:func:`agreeing_shift`).
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from scipy import ndimage as ndi
 
 __all__ = ["STATUS", "NEW", "ENLARGING", "STABLE", "SHRINKING", "RESOLVED",
            "volume_status", "detectable_change", "boundary_shell", "boundary_shift_change",
-           "DifferenceEvidence"]
+           "agreeing_shift", "DifferenceEvidence"]
 
 STATUS = np.array(["new", "enlarging", "stable", "shrinking", "resolved"], dtype=object)
 NEW, ENLARGING, STABLE, SHRINKING, RESOLVED = range(5)
@@ -123,6 +125,31 @@ def boundary_shift_change(key0: np.ndarray, key1: np.ndarray, n: int, ev, voxel_
     sd = voxel_volume * np.sqrt(count * ev.resel) * ev.sigma / contrast
     change[0] = sd[0] = 0.0
     return change, sd
+
+
+def agreeing_shift(dv1, sd1, dv2, sd2):
+    """One volume change per lesion from two independent boundary shift integrals.
+
+    FLAIR and T2w are separate acquisitions, with their own slice positions. On thick
+    slices a small lesion's partial volume, and so its boundary shift integral, depends
+    on where the slices fall, differently in each acquisition, while a real change of
+    its extent shows in both. The change is therefore the mean of the two measurements
+    where they agree in direction and 0 where they do not; its noise SD is the larger of
+    the two (figures in ``docs/tracking.md``).
+
+    Parameters
+    ----------
+    dv1, sd1, dv2, sd2 : ndarray
+        Change (mm^3) and noise SD of each lesion by :func:`boundary_shift_change` on
+        the two contrasts.
+
+    Returns
+    -------
+    change, sd : ndarray
+    """
+    dv1, dv2 = np.asarray(dv1, dtype=np.float64), np.asarray(dv2, dtype=np.float64)
+    agree = np.sign(dv1) == np.sign(dv2)
+    return np.where(agree, 0.5 * (dv1 + dv2), 0.0), np.maximum(sd1, sd2)
 
 
 def volume_status(v0_mm3, v1_mm3, shell_voxels, voxel_volume: float, cfg: dict) -> np.ndarray:

@@ -358,8 +358,10 @@ def run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None, prog
     lesion_z = ([segment.lesion_zmap(seg_in[k], priors, cfg["segment"], widths, spacing)
                  for k in range(len(sids))] if change_mod else None)
     del seg_in
+    # with FLAIR, the acquired T2w (never an imputed one) confirms each lesion's volume change
+    t2w = [pre[sid].get("T2w") for sid in sids] if change_mod == "FLAIR" else None
     tr = track.track_lesions([m.lesion for m in masks], spacing, cfg["track"], flair=flair,
-                             brain_mask=priors.brain_mask, lesion_z=lesion_z)
+                             brain_mask=priors.brain_mask, lesion_z=lesion_z, t2w=t2w)
     del lesion_z
     # the tracked lesions are the final lesion masks (the tracker may add lesion voxels that the
     # image evidence confirms); the sub-masks stay inside them

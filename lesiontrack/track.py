@@ -12,9 +12,9 @@ each lesion through time:
   remembered, and a lesion reappearing there gets its old ID back;
 * **status** — new / enlarging / stable / shrinking / resolved by the rules of
   :mod:`lesiontrack._track_status` (a minimum detectable change; with FLAIR, the
-  volume change measured on the subtraction image by a boundary shift integral and
-  subtraction evidence for new lesions and drawn change), documented in
-  ``docs/tracking.md``;
+  volume change measured on the subtraction image by a boundary shift integral, confirmed
+  on the T2w subtraction where both visits have T2w, and subtraction evidence for new
+  lesions and drawn change), documented in ``docs/tracking.md``;
 * **change maps** — 1 where a new or enlarging lesion gained voxels, 2 where a
   shrinking or resolved lesion lost voxels, in connected components that are a
   detectable change themselves; boundary changes of stable lesions are not drawn;
@@ -33,11 +33,12 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from ._reg_core import parallel_map
 from ._track_detect import detect_change, fdr_threshold, rescue_missed
 from ._track_match import _first_per_group, label_components, match_components
 from ._track_status import (ENLARGING, NEW, RESOLVED, SHRINKING, STABLE, STATUS,
-                            DifferenceEvidence, boundary_shell, boundary_shift_change,
-                            detectable_change, volume_status)
+                            DifferenceEvidence, agreeing_shift, boundary_shell,
+                            boundary_shift_change, detectable_change, volume_status)
 
 __all__ = ["Tracking", "TrackingError", "track_lesions", "EVENT_COLUMNS"]
 
@@ -48,7 +49,7 @@ _KEYS = {"connectivity": int, "min_overlap_voxels": int, "min_change_mm3": float
          "min_voxel_change_z": float, "background_mm": float, "baseline_status": str,
          "merged_status": str, "remember_resolved": bool, "change_fdr_q": float,
          "change_lesion_z": float, "change_absent_z": float, "rescue_missed": bool,
-         "min_relative_change": float}
+         "min_relative_change": float, "confirm_with_t2w": bool}
 
 
 class TrackingError(ValueError):
@@ -109,7 +110,7 @@ def _check_cfg(cfg: dict) -> dict:
     return out
 
 
-def _check_inputs(masks, spacing, flair, brain_mask, lesion_z=None):
+def _check_inputs(masks, spacing, flair, brain_mask, lesion_z=None, t2w=None):
     if len(masks) == 0:
         raise TrackingError("track_lesions: lesion_masks is empty; at least one session is needed")
     masks = [np.asarray(m) for m in masks]
@@ -127,6 +128,12 @@ def _check_inputs(masks, spacing, flair, brain_mask, lesion_z=None):
         for i, f in enumerate(flair):
             if f is not None and np.shape(f) != shape:
                 raise TrackingError(f"flair[{i}] has shape {np.shape(f)}, the masks {shape}")
+    if t2w is not None:
+        if len(t2w) != len(masks):
+            raise TrackingError(f"t2w has {len(t2w)} images for {len(masks)} lesion masks")
+        for i, f in enumerate(t2w):
+            if f is not None and np.shape(f) != shape:
+                raise TrackingError(f"t2w[{i}] has shape {np.shape(f)}, the masks {shape}")
     if lesion_z is not None:
         if len(lesion_z) != len(masks):
             raise TrackingError(f"lesion_z has {len(lesion_z)} maps for {len(masks)} lesion masks")
@@ -165,7 +172,7 @@ class _State:
 
 
 def track_lesions(lesion_masks, spacing, cfg: dict, flair=None, brain_mask=None,
-                  lesion_z=None) -> Tracking:
+                  lesion_z=None, t2w=None) -> Tracking:
     """Follow every lesion through the sessions.
 
     Parameters
@@ -187,13 +194,21 @@ def track_lesions(lesion_masks, spacing, cfg: dict, flair=None, brain_mask=None,
         in voxels that look like lesion at the brighter visit is added to the masks
         before tracking (:mod:`lesiontrack._track_detect`): lesions the per-visit
         segmentation missed are then tracked and drawn in the change maps.
+    t2w : list of (ndarray or None), optional
+        Intensity-normalised T2w per session as acquired (None where missing; never an
+        imputed image), with ``flair``. With ``confirm_with_t2w``, an interval whose two
+        visits both have T2w measures each continuing lesion's volume change on the T2w
+        subtraction too, and counts the change only as far as the two independent
+        acquisitions agree (:func:`lesiontrack._track_status.agreeing_shift`).
 
     Returns
     -------
     Tracking
     """
     c = _check_cfg(cfg)
-    masks, spacing = _check_inputs(lesion_masks, spacing, flair, brain_mask, lesion_z)
+    masks, spacing = _check_inputs(lesion_masks, spacing, flair, brain_mask, lesion_z, t2w)
+    if not c["confirm_with_t2w"]:
+        t2w = None
     full_shape = masks[0].shape
     brain = None if brain_mask is None else np.asarray(brain_mask) > 0
     detected = [None] * len(masks)
@@ -222,15 +237,20 @@ def track_lesions(lesion_masks, spacing, cfg: dict, flair=None, brain_mask=None,
 
     for t in range(1, len(masks)):
         lab, n = label_components(masks[t], c["connectivity"])
-        ev = None
+        ev = ev2 = None
         if flair is not None and flair[t] is not None and flair[t - 1] is not None:
             lesions = np.zeros(full_shape, bool)
             lesions[box] = state.mask | masks[t]
-            ev = DifferenceEvidence(flair[t - 1], flair[t], brain, lesions, spacing,
-                                    c["background_mm"], crop=box)
+            pairs = [(flair[t - 1], flair[t])]
+            if t2w is not None and t2w[t] is not None and t2w[t - 1] is not None:
+                pairs.append((t2w[t - 1], t2w[t]))
+            # the two subtractions side by side (numpy and ndimage release the GIL)
+            evs = parallel_map(lambda p: DifferenceEvidence(p[0], p[1], brain, lesions, spacing,
+                                                            c["background_mm"], crop=box), pairs)
+            ev, ev2 = evs[0], (evs[1] if len(evs) > 1 else None)
         det = None if detected[t] is None else tuple(a[box] for a in detected[t])
         out = _step(t, state, lab, n, masks[t], ev, memory, first_seen, next_id, c, vv,
-                    merged_status, det)
+                    merged_status, det, ev2)
         first_seen = np.concatenate([first_seen, np.full(out["next_id"] - next_id, t, np.int64)])
         next_id = out["next_id"]
         labels.append(out["ids"][lab].astype(np.int32))
@@ -299,11 +319,13 @@ def _paste(a: np.ndarray, box, shape) -> np.ndarray:
 
 
 def _step(t, prev: _State, lab, n, mask, ev, memory, first_seen, next_id, c, vv,
-          merged_status, det=None) -> dict:
+          merged_status, det=None, ev2=None) -> dict:
     """Match one session to the previous one; IDs, statuses, change map, event rows.
 
     ``det``: image-detected ``(gain, loss)`` of the interval (significant change by the
     detector's own test), counted as confirmed change of at least ``min_change_mm3``.
+    ``ev2``: the T2w subtraction of the interval, a second measurement of each continuing
+    lesion's volume change (:func:`agreeing_shift`).
     """
     m = match_components(prev.lab, prev.n, lab, n, c["min_overlap_voxels"],
                          prev_rank=first_seen[prev.ids])
@@ -360,6 +382,9 @@ def _step(t, prev: _State, lab, n, mask, ev, memory, first_seen, next_id, c, vv,
         # the lesion's volume change measured in the images (boundary shift integral):
         # a moved or jittering outline sums to about zero, partial volume counts
         dv, sd = boundary_shift_change(m.dest[prev.lab], lineage[lab], n, ev, vv)
+        if ev2 is not None:
+            dv, sd = agreeing_shift(dv, sd, *boundary_shift_change(m.dest[prev.lab], lineage[lab],
+                                                                   n, ev2, vv))
         need_b = np.maximum(np.maximum(c["min_change_mm3"], c["mdc_z"] * sd),
                             c["min_relative_change"] * v0)
         st = np.full(n + 1, STABLE, np.int8)

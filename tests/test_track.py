@@ -201,6 +201,10 @@ def test_input_errors(cfg):
         track_lesions([], (1, 1, 1), cfg)
     with pytest.raises(TrackingError, match="flair"):
         track_lesions([np.zeros(SHAPE, bool)] * 2, (1, 1, 1), cfg, flair=[None])
+    with pytest.raises(TrackingError, match="t2w"):
+        track_lesions([np.zeros(SHAPE, bool)] * 2, (1, 1, 1), cfg, t2w=[None])
+    with pytest.raises(TrackingError, match=r"t2w\[1\] has shape"):
+        track_lesions([np.zeros(SHAPE, bool)] * 2, (1, 1, 1), cfg, t2w=[None, np.zeros((3, 3, 3))])
     with pytest.raises(TrackingError, match="spacing"):
         track_lesions([np.zeros(SHAPE, bool)], (1, 0, 1), cfg)
 
@@ -382,3 +386,43 @@ def test_background_upsampling_is_linear_interpolation_of_block_centres(shape, f
     got = _upsample_linear(a, factors, shape)
     assert got.shape == shape and got.dtype == np.float32
     np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+def test_t2w_confirms_the_flair_volume_change(cfg):
+    """Thick-slice acquisitions sample a small lesion's partial volume differently at each
+    visit, so its FLAIR boundary shift integral can grow while its extent does not. T2w,
+    a separate acquisition, does not share that error: the change counts only as far as
+    the two agree. Lesion a looks a third larger on the second FLAIR only (a sampling
+    artefact; half of that is below the 25 % a change must reach), b grew in both
+    contrasts, c looks larger on FLAIR and smaller on T2w."""
+    rng = np.random.default_rng(11)
+    a, b, c = (9, 9, 9), (26, 26, 26), (9, 26, 18)
+    flair = [_pv_ball(a, 5.0) + _pv_ball(b, 4.0) + _pv_ball(c, 4.5),
+             _pv_ball(a, 5.5) + _pv_ball(b, 6.0) + _pv_ball(c, 5.5)]
+    t2w = [_pv_ball(a, 5.0) + _pv_ball(b, 4.0) + _pv_ball(c, 4.5),
+           _pv_ball(a, 5.0) + _pv_ball(b, 6.0) + _pv_ball(c, 3.5)]
+    flair = [(1.0 + f + 0.02 * rng.standard_normal(SHAPE)).astype(np.float32) for f in flair]
+    t2w = [(1.0 + f + 0.02 * rng.standard_normal(SHAPE)).astype(np.float32) for f in t2w]
+    m0 = union(ball(a, 5.0), ball(b, 4.0), ball(c, 4.5))
+    m1 = union(ball(a, 5.0), ball(b, 6.0), ball(c, 4.5))
+    brain = np.ones(SHAPE, bool)
+
+    def statuses(**kw):
+        tr = track_lesions([m0, m1], (1, 1, 1), cfg, flair=flair, brain_mask=brain, **kw)
+        return [status_of(tr, id_at(tr, 1, p), 1).status for p in (a, b, c)]
+
+    assert statuses() == ["enlarging", "enlarging", "enlarging"]           # FLAIR alone
+    assert statuses(t2w=t2w) == ["stable", "enlarging", "stable"]
+    assert statuses(t2w=[None, t2w[1]]) == ["enlarging", "enlarging", "enlarging"]  # no pair
+    off = dict(cfg, confirm_with_t2w=False)
+    tr = track_lesions([m0, m1], (1, 1, 1), off, flair=flair, brain_mask=brain, t2w=t2w)
+    assert status_of(tr, id_at(tr, 1, a), 1).status == "enlarging"
+
+
+def test_agreeing_shift():
+    from lesiontrack._track_status import agreeing_shift
+
+    dv, sd = agreeing_shift(np.array([0.0, 80.0, 80.0, -60.0, 50.0]), np.array([0, 10, 10, 20, 5.0]),
+                            np.array([0.0, 40.0, -30.0, -20.0, 0.0]), np.array([0, 30, 5, 10, 5.0]))
+    assert dv.tolist() == [0.0, 60.0, 0.0, -40.0, 0.0]
+    assert sd.tolist() == [0.0, 30.0, 10.0, 20.0, 5.0]
