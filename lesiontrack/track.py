@@ -122,24 +122,15 @@ def _check_inputs(masks, spacing, flair, brain_mask, lesion_z=None, t2w=None):
     spacing = tuple(float(s) for s in spacing)
     if len(spacing) != 3 or min(spacing) <= 0:
         raise TrackingError(f"spacing must be three positive voxel sizes in mm, got {spacing}")
-    if flair is not None:
-        if len(flair) != len(masks):
-            raise TrackingError(f"flair has {len(flair)} images for {len(masks)} lesion masks")
-        for i, f in enumerate(flair):
-            if f is not None and np.shape(f) != shape:
-                raise TrackingError(f"flair[{i}] has shape {np.shape(f)}, the masks {shape}")
-    if t2w is not None:
-        if len(t2w) != len(masks):
-            raise TrackingError(f"t2w has {len(t2w)} images for {len(masks)} lesion masks")
-        for i, f in enumerate(t2w):
-            if f is not None and np.shape(f) != shape:
-                raise TrackingError(f"t2w[{i}] has shape {np.shape(f)}, the masks {shape}")
-    if lesion_z is not None:
-        if len(lesion_z) != len(masks):
-            raise TrackingError(f"lesion_z has {len(lesion_z)} maps for {len(masks)} lesion masks")
-        for i, z in enumerate(lesion_z):
-            if z is not None and np.shape(z) != shape:
-                raise TrackingError(f"lesion_z[{i}] has shape {np.shape(z)}, the masks {shape}")
+    for name, per_session, what in (("flair", flair, "images"), ("t2w", t2w, "images"),
+                                    ("lesion_z", lesion_z, "maps")):
+        if per_session is None:
+            continue
+        if len(per_session) != len(masks):
+            raise TrackingError(f"{name} has {len(per_session)} {what} for {len(masks)} lesion masks")
+        for i, a in enumerate(per_session):
+            if a is not None and np.shape(a) != shape:
+                raise TrackingError(f"{name}[{i}] has shape {np.shape(a)}, the masks {shape}")
     if brain_mask is not None and np.shape(brain_mask) != shape:
         raise TrackingError(f"brain_mask has shape {np.shape(brain_mask)}, the masks {shape}")
     return [m > 0 for m in masks], spacing
