@@ -14,7 +14,9 @@ lesions nor atlas misregistration move.
    as bright as normal grey matter is common where grey matter is likely and rare where
    it is not; the smaller of the two z-scores, used before, treated a voxel with a 5 %
    grey-matter prior as grey matter and hid periventricular lesions next to the deep
-   grey matter at 2 mm. The contrasts are combined
+   grey matter at 2 mm. Infratentorially, with FLAIR, T2w is scored against white matter
+   alone (``infratentorial_t2w_vs_wm``, :func:`_t2w_wm_only`): the cerebellar cortex is
+   nearly as T2w-bright as a lesion partial-volumed with it, not as FLAIR-bright. The contrasts are combined
    by the geometric mean of their z-scores, so a voxel must be abnormal on both
    (CSF is bright on T2w but dark on FLAIR). Lesions grow by hysteresis from
    confident seeds (``seed_z``) through connected voxels above ``grow_z``; each
@@ -124,9 +126,10 @@ class _Tissue:
     voxels of each tissue (the histogram mode needs far fewer than a brain holds).
     """
 
-    def __init__(self, brain, wm, gm, cfg, widths=None, gm_share=None):
+    def __init__(self, brain, wm, gm, cfg, widths=None, gm_share=None, t2w_wm_only=None):
         self.widths = widths or {}
         self.gm_share = gm_share
+        self.t2w_wm_only = t2w_wm_only
         wmin, gmin = cfg["tissue_prior_min"]
         cap = int(cfg["max_samples"])
         self.idx = {}
@@ -161,11 +164,14 @@ class _Tissue:
         (``g`` = ``gm_share``, the GM share of the WM and GM priors, smoothed by the atlas
         registration uncertainty: :func:`gm_share`; ``w = 1 - g``) as a z-score,
         ``-Phi^-1(P)``. Only voxels brighter than the WM peak are scored this way (the
-        others score at most 0, which the lesion score clips)."""
+        others score at most 0, which the lesion score clips). T2w is scored against white
+        matter alone where ``t2w_wm_only`` is set (:func:`_t2w_wm_only`)."""
         pw, pg = self.peak(key, arr, "wm"), self.peak(key, arr, "gm")
         zw = arr - np.float32(pw.mode)
         zw *= np.float32(1.0 / pw.sigma_low)
         sel = self.gm_possible & (zw > 0)
+        if key == "T2w" and self.t2w_wm_only is not None:
+            sel &= ~self.t2w_wm_only
         if sel.any():
             z1 = zw[sel]
             z2 = (arr[sel] - np.float32(pg.mode)) * np.float32(1.0 / pg.sigma_low)
@@ -179,6 +185,24 @@ class _Tissue:
             tiny = np.finfo(np.float32).tiny
             zw[sel] = np.where(p > tiny, -ndtri(np.maximum(p, tiny)), np.minimum(z1, z2))
         return zw
+
+
+def _t2w_wm_only(images, priors, box, cfg):
+    """Where T2w hyperintensity is scored against white matter alone: infratentorially
+    (location class 3), with FLAIR, when ``infratentorial_t2w_vs_wm`` is on.
+
+    The cerebellar cortex gives the atlas a large grey-matter share there, and grey matter
+    is nearly as bright as a lesion on T2w (1.25-1.35 times white matter) but not on FLAIR
+    (1.1 times): a small lesion, partial-volumed with that cortex on 2-4 mm slices, is no
+    brighter than grey matter on T2w, and the T2w factor of the lesion score (the
+    geometric mean with FLAIR) hid it. Against white matter alone T2w still vetoes what is
+    not T2w-bright; the FLAIR factor, scored against the mixture and capping the T2w one
+    (``cap_by_flair``), keeps normal grey matter out. Without FLAIR nothing would, so the
+    mixture stays.
+    """
+    if not (cfg.get("infratentorial_t2w_vs_wm", False) and "FLAIR" in images and "T2w" in images):
+        return None
+    return np.asarray(priors.location)[box] == 3
 
 
 def gm_share(priors, spacing, cfg: dict) -> np.ndarray:
@@ -610,7 +634,8 @@ def lesion_zmap(images: dict, priors, cfg: dict, widths=None, spacing=None) -> n
     brain = brain_full[box]
     imgs = {m: np.asarray(a, dtype=np.float32)[box] for m, a in images.items()}
     share = gm_share(priors, spacing, cfg)[box] if spacing is not None else None
-    tissue = _Tissue(brain, priors.wm_prob[box], priors.gm_prob[box], cfg, widths, share)
+    tissue = _Tissue(brain, priors.wm_prob[box], priors.gm_prob[box], cfg, widths, share,
+                     _t2w_wm_only(images, priors, box, cfg))
     score = lesion_score(imgs, brain, tissue, False, bool(cfg["cap_by_flair"]) and "FLAIR" in imgs)
     if "FLAIR" not in imgs and bool(cfg["no_flair_csf"]):
         vox = float(np.prod(spacing)) if spacing is not None else 1.0
@@ -662,7 +687,7 @@ def segment_session(images: dict, priors, spacing, cfg: dict, lesion_mask=None,
     brain = brain_full[box]
     imgs = {m: np.asarray(a, dtype=np.float32)[box] for m, a in images.items()}
     tissue = _Tissue(brain, priors.wm_prob[box], priors.gm_prob[box], cfg, widths,
-                     gm_share(priors, spacing, cfg)[box])
+                     gm_share(priors, spacing, cfg)[box], _t2w_wm_only(images, priors, box, cfg))
     available = {"lesion"}
     if lesion_mask is not None:
         lesion = np.asarray(lesion_mask, dtype=bool)[box]

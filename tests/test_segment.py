@@ -436,3 +436,45 @@ def test_a_zero_grey_matter_gate_scores_every_voxel_against_the_mixture():
     assert CFG["segment"]["gm_possible_min"] > 0
     assert scores[CFG["segment"]["gm_possible_min"]] > CFG["segment"]["seed_z"]
     assert scores[0.0] < CFG["segment"]["grow_z"]
+
+
+def test_infratentorial_t2w_is_scored_against_white_matter():
+    """Infratentorially a lesion partial-volumed with the cerebellar cortex is as bright as
+    grey matter on T2w but not on FLAIR. Scored against the atlas' WM/GM mixture on both
+    contrasts it is no lesion; with ``infratentorial_t2w_vs_wm`` its T2w is scored against
+    white matter and the FLAIR factor decides. Normal grey matter there stays below the
+    growth level (its FLAIR is at the grey-matter peak), and without FLAIR the mixture
+    stays (T2w alone cannot tell that cortex from a lesion)."""
+    from lesiontrack.preprocess import Priors
+
+    rng = np.random.default_rng(3)
+    shape = (40, 40, 40)
+    wm = np.full(shape, 0.1, np.float32)                            # a cerebellar-cortex half
+    gm = np.full(shape, 0.9, np.float32)
+    flair = rng.normal(1.09, 0.05, shape).astype(np.float32)     # grey-matter level
+    t2w = rng.normal(1.30, 0.08, shape).astype(np.float32)
+    flair[:, :20] = rng.normal(1.0, 0.04, (40, 20, 40))           # a white-matter half
+    t2w[:, :20] = rng.normal(1.0, 0.04, (40, 20, 40))
+    wm[:, :20], gm[:, :20] = 0.95, 0.05
+    lesion, cortex = (20, 30, 20), (10, 30, 10)
+    flair[lesion], t2w[lesion] = 1.40, 1.32                       # FLAIR-bright, T2w like GM
+    location = np.zeros(shape, np.uint8)
+    location[:] = 3
+    z0 = np.zeros(shape, np.float32)
+    priors = Priors(np.ones(shape, bool), wm, gm, z0, location, True)
+    images = {"FLAIR": flair, "T2w": t2w}
+    on = segment.lesion_zmap(images, priors, CFG["segment"], spacing=(1.0, 1.0, 1.0))
+    off = segment.lesion_zmap(images, priors, dict(CFG["segment"], infratentorial_t2w_vs_wm=False),
+                              spacing=(1.0, 1.0, 1.0))
+    assert CFG["segment"]["infratentorial_t2w_vs_wm"]
+    assert on[lesion] > CFG["segment"]["seed_z"] > off[lesion]
+    assert on[cortex] < CFG["segment"]["grow_z"]
+    # elsewhere (location not infratentorial) and without FLAIR, nothing changes
+    supra = segment.lesion_zmap(images, Priors(np.ones(shape, bool), wm, gm, z0, z0.astype(np.uint8),
+                                               True), CFG["segment"], spacing=(1.0, 1.0, 1.0))
+    assert np.array_equal(supra, off)
+    no_flair = {"T2w": t2w}
+    a = segment.lesion_zmap(no_flair, priors, CFG["segment"], spacing=(1.0, 1.0, 1.0))
+    b = segment.lesion_zmap(no_flair, priors, dict(CFG["segment"], infratentorial_t2w_vs_wm=False),
+                            spacing=(1.0, 1.0, 1.0))
+    assert np.array_equal(a, b, equal_nan=True)
