@@ -12,6 +12,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from isal import igzip
 
 from ._io import atomic_path
 
@@ -367,6 +368,9 @@ def load_image(path, *, ndim: int | tuple[int, ...] = 3, is_label: bool = False,
     return Image(data, affine, is_label, str(path))
 
 
+_GZIP_LEVEL = 2   # ISA-L levels 0-3; 2 gives the size of zlib level 1
+
+
 def save_image(img: Image, path, dtype=None) -> Path:
     """Write ``img`` to ``path`` atomically (temporary file, then rename).
 
@@ -382,5 +386,15 @@ def save_image(img: Image, path, dtype=None) -> Path:
             dtype = np.float32
     nimg = img.to_nifti(dtype)
     with atomic_path(path) as tmp:
-        nib.save(nimg, str(tmp))
+        _write_nifti(nimg, Path(tmp), path.name.endswith(".gz"))
     return path
+
+
+def _write_nifti(nimg, filename: Path, gz: bool):
+    if gz:
+        # standard gzip, compressed by ISA-L: about 5x faster than zlib's fastest level at
+        # the same size (writing outputs was a tenth of a run's CPU time); mtime 0 as
+        # nibabel's own writer, so reruns give byte-identical files
+        filename.write_bytes(igzip.compress(nimg.to_bytes(), compresslevel=_GZIP_LEVEL, mtime=0))
+    else:
+        nib.save(nimg, str(filename))

@@ -338,9 +338,11 @@ def run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None, prog
             if "FLAIR" not in seg_in[k]:
                 log.warning("sub-%s %s: no FLAIR, and no visit with both FLAIR and T2w to impute it "
                             "from; segmented from T2w with the CSF spaces left out", subject, sid)
-    masks = [segment.segment_session(seg_in[k], priors, spacing, cfg["segment"],
-                                     lesion_mask=ext_aligned.get(sid), widths=widths)
-             for k, sid in enumerate(sids)]
+    # the sessions side by side (numpy and scipy.ndimage release the GIL; each session's
+    # result does not depend on the others)
+    masks = parallel_map(lambda k: segment.segment_session(
+        seg_in[k], priors, spacing, cfg["segment"], lesion_mask=ext_aligned.get(sids[k]),
+        widths=widths), range(len(sids)))
     timing["segment_s"] = time.perf_counter() - t0
 
     # 6. tracking + tables -----------------------------------------------------------
@@ -355,8 +357,9 @@ def run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None, prog
                     "from different contrasts differ where the lesions do not", subject)
     flair = [pre[sid][change_mod] for sid in sids] if change_mod else None
     # per-session lesion evidence (z) lets the tracker confirm change in the images themselves
-    lesion_z = ([segment.lesion_zmap(seg_in[k], priors, cfg["segment"], widths, spacing)
-                 for k in range(len(sids))] if change_mod else None)
+    lesion_z = (parallel_map(lambda k: segment.lesion_zmap(seg_in[k], priors, cfg["segment"],
+                                                           widths, spacing), range(len(sids)))
+                if change_mod else None)
     del seg_in
     # with FLAIR, the acquired T2w (never an imputed one) confirms each lesion's volume change
     t2w = [pre[sid].get("T2w") for sid in sids] if change_mod == "FLAIR" else None

@@ -385,12 +385,12 @@ def test_full_disk_save_image(tmp_path, monkeypatch):
     save_image(Image(np.zeros((3, 3, 3), np.uint8), AFF, is_label=True), target)
     before = target.read_bytes()
 
-    def full(img, filename):
+    def full(img, filename, gz):
         with open(filename, "wb") as fh:
             fh.write(b"\x1f\x8b\x08" + bytes(100))
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(image_mod.nib, "save", full)
+    monkeypatch.setattr(image_mod, "_write_nifti", full)
     with pytest.raises(OutputError, match=r"cannot write .*lesion_mask\.nii\.gz: No space left") as info:
         save_image(Image(np.ones((3, 3, 3), np.uint8), AFF, is_label=True), target)
     assert info.value.errno == errno.ENOSPC
