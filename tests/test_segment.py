@@ -212,6 +212,8 @@ def test_config_errors(subject):
         segment.segment_session(pre, priors, SP, bad)
     with pytest.raises(segment.SegmentError, match="shape"):
         segment.segment_session({"FLAIR": pre["FLAIR"][:-1]}, priors, SP, CFG["segment"])
+    with pytest.raises(segment.SegmentError, match="infratentorial_t2w_vs_wm must be"):
+        segment.segment_session(pre, priors, SP, dict(CFG["segment"], infratentorial_t2w_vs_wm="yes"))
 
 
 def test_lesion_measures(subject):
@@ -442,7 +444,8 @@ def test_infratentorial_t2w_is_scored_against_white_matter():
     """Infratentorially a lesion partial-volumed with the cerebellar cortex is as bright as
     grey matter on T2w but not on FLAIR. Scored against the atlas' WM/GM mixture on both
     contrasts it is no lesion; with ``infratentorial_t2w_vs_wm`` its T2w is scored against
-    white matter and the FLAIR factor decides. Normal grey matter there stays below the
+    white matter and the FLAIR factor decides ("auto", the default: on grids coarser than
+    1.5 mm, where partial volume dilutes small lesions). Normal grey matter there stays below the
     growth level (its FLAIR is at the grey-matter peak), and without FLAIR the mixture
     stays (T2w alone cannot tell that cortex from a lesion)."""
     from lesiontrack.preprocess import Priors
@@ -463,18 +466,23 @@ def test_infratentorial_t2w_is_scored_against_white_matter():
     z0 = np.zeros(shape, np.float32)
     priors = Priors(np.ones(shape, bool), wm, gm, z0, location, True)
     images = {"FLAIR": flair, "T2w": t2w}
-    on = segment.lesion_zmap(images, priors, CFG["segment"], spacing=(1.0, 1.0, 1.0))
-    off = segment.lesion_zmap(images, priors, dict(CFG["segment"], infratentorial_t2w_vs_wm=False),
-                              spacing=(1.0, 1.0, 1.0))
-    assert CFG["segment"]["infratentorial_t2w_vs_wm"]
+    coarse, fine = (2.0, 2.0, 2.0), (1.0, 1.0, 1.0)
+    on_cfg, off_cfg = (dict(CFG["segment"], infratentorial_t2w_vs_wm=v) for v in (True, False))
+    assert CFG["segment"]["infratentorial_t2w_vs_wm"] == "auto"
+    on = segment.lesion_zmap(images, priors, CFG["segment"], spacing=coarse)   # auto: 2 mm grid
+    off = segment.lesion_zmap(images, priors, off_cfg, spacing=coarse)
     assert on[lesion] > CFG["segment"]["seed_z"] > off[lesion]
     assert on[cortex] < CFG["segment"]["grow_z"]
+    # auto on a 1 mm grid keeps the mixture (lesions keep their T2w contrast there); true forces it
+    assert np.array_equal(segment.lesion_zmap(images, priors, CFG["segment"], spacing=fine),
+                          segment.lesion_zmap(images, priors, off_cfg, spacing=fine))
+    forced = segment.lesion_zmap(images, priors, on_cfg, spacing=fine)
+    assert forced[lesion] > CFG["segment"]["seed_z"]
     # elsewhere (location not infratentorial) and without FLAIR, nothing changes
     supra = segment.lesion_zmap(images, Priors(np.ones(shape, bool), wm, gm, z0, z0.astype(np.uint8),
-                                               True), CFG["segment"], spacing=(1.0, 1.0, 1.0))
+                                               True), CFG["segment"], spacing=coarse)
     assert np.array_equal(supra, off)
     no_flair = {"T2w": t2w}
-    a = segment.lesion_zmap(no_flair, priors, CFG["segment"], spacing=(1.0, 1.0, 1.0))
-    b = segment.lesion_zmap(no_flair, priors, dict(CFG["segment"], infratentorial_t2w_vs_wm=False),
-                            spacing=(1.0, 1.0, 1.0))
+    a = segment.lesion_zmap(no_flair, priors, on_cfg, spacing=coarse)
+    b = segment.lesion_zmap(no_flair, priors, off_cfg, spacing=coarse)
     assert np.array_equal(a, b, equal_nan=True)
