@@ -57,6 +57,7 @@ brain mask.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -239,16 +240,22 @@ def gm_share(priors, spacing, cfg: dict) -> np.ndarray:
     """
     sd = float(cfg["atlas_uncertainty_mm"])
     key = (sd, tuple(float(x) for x in spacing))
-    cache = priors.__dict__.setdefault("_gm_share", {})
-    if key not in cache:
-        wm = np.asarray(priors.wm_prob, np.float32)
-        gm = np.asarray(priors.gm_prob, np.float32)
-        if sd > 0:
-            sig = [sd / float(x) for x in spacing]
-            wm, gm = ndi.gaussian_filter(wm, sig), ndi.gaussian_filter(gm, sig)
-        cache.clear()
-        cache[key] = (gm / np.maximum(wm + gm, np.float32(1e-6))).astype(np.float32)
-    return cache[key]
+    with _SHARE_LOCK:   # the pipeline segments sessions side by side: computed once
+        cache = priors.__dict__.setdefault("_gm_share", {})
+        share = cache.get(key)
+        if share is None:
+            wm = np.asarray(priors.wm_prob, np.float32)
+            gm = np.asarray(priors.gm_prob, np.float32)
+            if sd > 0:
+                sig = [sd / float(x) for x in spacing]
+                wm, gm = ndi.gaussian_filter(wm, sig), ndi.gaussian_filter(gm, sig)
+            share = (gm / np.maximum(wm + gm, np.float32(1e-6))).astype(np.float32)
+            cache.clear()
+            cache[key] = share
+    return share
+
+
+_SHARE_LOCK = threading.Lock()
 
 
 def lesion_score(images: dict, brain, tissue: _Tissue, use_t1: bool = False,
