@@ -7,12 +7,12 @@ Everything that enters the package from disk goes through :func:`load_image`
 from __future__ import annotations
 
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from isal import igzip
 
 from ._io import atomic_path
 
@@ -368,9 +368,6 @@ def load_image(path, *, ndim: int | tuple[int, ...] = 3, is_label: bool = False,
     return Image(data, affine, is_label, str(path))
 
 
-_GZIP_LEVEL = 2   # ISA-L levels 0-3; 2 gives the size of zlib level 1
-
-
 def save_image(img: Image, path, dtype=None) -> Path:
     """Write ``img`` to ``path`` atomically (temporary file, then rename).
 
@@ -386,15 +383,28 @@ def save_image(img: Image, path, dtype=None) -> Path:
             dtype = np.float32
     nimg = img.to_nifti(dtype)
     with atomic_path(path) as tmp:
-        _write_nifti(nimg, Path(tmp), path.name.endswith(".gz"))
+        _write_nifti(nimg, Path(tmp))
     return path
 
 
-def _write_nifti(nimg, filename: Path, gz: bool):
-    if gz:
-        # standard gzip, compressed by ISA-L: about 5x faster than zlib's fastest level at
-        # the same size (writing outputs was a tenth of a run's CPU time); mtime 0 as
-        # nibabel's own writer, so reruns give byte-identical files
-        filename.write_bytes(igzip.compress(nimg.to_bytes(), compresslevel=_GZIP_LEVEL, mtime=0))
-    else:
+def _write_nifti(nimg, filename: Path):
+    """``nimg`` to ``filename``; a ``.gz`` is standard gzip (zlib level 1, mtime 0).
+
+    Integer data (label maps and scaled int16 images, all the pipeline writes) are
+    deflated with zlib's run-length strategy: 2.5x faster than the default one at level 1
+    and no larger (smaller for masks), while writing was a tenth of a 1 mm subject's CPU
+    time. Float data keep the default strategy (run-length matches would leave them a
+    third larger). zlib's output depends only on its input, so reruns give byte-identical
+    files (ISA-L, 10x faster, did not: its stream for the same bytes differed between two
+    runs once in four).
+    """
+    if not filename.name.endswith(".gz"):
         nib.save(nimg, str(filename))
+        return
+    strategy = zlib.Z_RLE if nimg.get_data_dtype().kind in "iu" else zlib.Z_DEFAULT_STRATEGY
+    comp = zlib.compressobj(1, zlib.DEFLATED, 16 + zlib.MAX_WBITS, 8, strategy)   # gzip wrapper
+    raw = nimg.to_bytes()
+    with open(filename, "wb") as fh:
+        fh.write(comp.compress(raw))
+        del raw
+        fh.write(comp.flush())

@@ -385,7 +385,7 @@ def test_full_disk_save_image(tmp_path, monkeypatch):
     save_image(Image(np.zeros((3, 3, 3), np.uint8), AFF, is_label=True), target)
     before = target.read_bytes()
 
-    def full(img, filename, gz):
+    def full(img, filename):
         with open(filename, "wb") as fh:
             fh.write(b"\x1f\x8b\x08" + bytes(100))
         raise OSError(errno.ENOSPC, "No space left on device")
