@@ -51,9 +51,12 @@ def test_pooled_widths_threshold_every_visit_alike(subject):
     for m in ("FLAIR", "T2w", "T1w"):
         b[m] = np.where(priors.brain_mask & ~near, a[m] + rng.normal(0, 0.05, a[m].shape),
                         a[m]).astype(np.float32)
-    widths = segment.pooled_widths([a, b], priors, CFG["segment"])
-    own = [segment.segment_session(x, priors, SP, CFG["segment"]).lesion & near for x in (a, b)]
-    pooled = [segment.segment_session(x, priors, SP, CFG["segment"], widths=widths).lesion & near
+    # at a quarter of their contrast the lesions are as bright as grey matter: the rule
+    # that a lesion's core be brighter than grey matter is left out of this test
+    cfg = dict(CFG["segment"], core_above_gm_z=0)
+    widths = segment.pooled_widths([a, b], priors, cfg)
+    own = [segment.segment_session(x, priors, SP, cfg).lesion & near for x in (a, b)]
+    pooled = [segment.segment_session(x, priors, SP, cfg, widths=widths).lesion & near
               for x in (a, b)]
     assert own[1].sum() < 0.6 * own[0].sum()
     assert np.array_equal(pooled[0], pooled[1]) and pooled[0].sum() >= 0.8 * own[0].sum()
@@ -214,6 +217,9 @@ def test_config_errors(subject):
         segment.segment_session({"FLAIR": pre["FLAIR"][:-1]}, priors, SP, CFG["segment"])
     with pytest.raises(segment.SegmentError, match="infratentorial_t2w_vs_wm must be"):
         segment.segment_session(pre, priors, SP, dict(CFG["segment"], infratentorial_t2w_vs_wm="yes"))
+    for bad_core in (-1, "2", True):
+        with pytest.raises(segment.SegmentError, match="core_above_gm_z must be"):
+            segment.segment_session(pre, priors, SP, dict(CFG["segment"], core_above_gm_z=bad_core))
 
 
 def test_lesion_measures(subject):
@@ -486,3 +492,46 @@ def test_infratentorial_t2w_is_scored_against_white_matter():
     a = segment.lesion_zmap(no_flair, priors, on_cfg, spacing=coarse)
     b = segment.lesion_zmap(no_flair, priors, off_cfg, spacing=coarse)
     assert np.array_equal(a, b, equal_nan=True)
+
+
+@pytest.mark.parametrize("with_t1", [False, True])
+def test_lesion_core_must_be_brighter_than_grey_matter(with_t1):
+    """Cortex the atlas misplaces into white matter (a brain the affine template fits
+    poorly) is scored against white matter alone and passes the lesion score, but its core
+    is no brighter than normal grey matter: with ``core_above_gm_z`` (default 2) it is no
+    lesion; a lesion next to it, FLAIR-bright against both tissues, stays. Without FLAIR the
+    rule does not apply (T2w cannot tell the two apart)."""
+    from lesiontrack.preprocess import Priors
+
+    rng = np.random.default_rng(5)
+    shape = (40, 40, 40)
+    wm = np.zeros(shape, np.float32)
+    gm = np.zeros(shape, np.float32)
+    wm[:, :24], gm[:, 24:] = 1.0, 0.9                                  # atlas: WM half, GM half
+    flair = rng.normal(1.0, 0.03, shape).astype(np.float32)
+    t2w = rng.normal(1.0, 0.03, shape).astype(np.float32)
+    t1w = rng.normal(1.0, 0.03, shape).astype(np.float32)
+    real_gm = np.zeros(shape, bool)
+    real_gm[:, 24:] = True
+    real_gm[8:16, 8:16, 8:16] = True              # grey matter where the atlas has white matter
+    lesion = np.zeros(shape, bool)
+    lesion[24:30, 8:14, 24:30] = True
+    for img, g, les in ((flair, 1.15, 1.45), (t2w, 1.30, 1.60), (t1w, 0.80, 0.85)):
+        img[real_gm] = rng.normal(g, 0.05, int(real_gm.sum()))
+        img[lesion] = rng.normal(les, 0.03, int(lesion.sum()))
+    z0 = np.zeros(shape, np.float32)
+    priors = Priors(np.ones(shape, bool), wm, gm, z0, z0.astype(np.uint8), True)
+    images = {"FLAIR": flair, "T2w": t2w} | ({"T1w": t1w} if with_t1 else {})
+    cfg = CFG["segment"]
+    assert cfg["core_above_gm_z"] == 2.0
+    misplaced = (slice(8, 16),) * 3
+    on = segment.segment_session(images, priors, SP, cfg).lesion
+    off = segment.segment_session(images, priors, SP, dict(cfg, core_above_gm_z=0)).lesion
+    assert off[misplaced].mean() > 0.5                   # without the rule: found as a lesion
+    assert not on[misplaced].any()
+    assert on[lesion].mean() > 0.9 and dice(lesion, on) > 0.8
+    assert np.array_equal(on[:, :24] & ~real_gm[:, :24], off[:, :24] & ~real_gm[:, :24])
+    no_flair = {m: a for m, a in images.items() if m != "FLAIR"}
+    a = segment.segment_session(no_flair, priors, SP, cfg).lesion
+    b = segment.segment_session(no_flair, priors, SP, dict(cfg, core_above_gm_z=0)).lesion
+    assert np.array_equal(a, b)
