@@ -28,11 +28,11 @@ lesions nor atlas misregistration move.
    from the geometric mean with the T1w hypointensity z as a third factor, with that
    score's own hysteresis and edges (thin T1w slices sharpen edges blurred on thick
    FLAIR/T2w slices). With FLAIR, a lesion's core (the mean FLAIR of its seeds) must lie
-   ``core_above_gm_z`` grey-matter half-widths above the grey-matter peak: where the
+   ``core_above_gm_z`` grey-matter half-widths (the narrower side) above the grey-matter peak: where the
    affinely carried atlas misplaces cortex or deep grey matter into white matter, they
    are scored against white matter alone and pass the score, but they are no brighter
    than grey matter, and a lesion is FLAIR-bright against both tissues (warped-anatomy
-   phantoms' precision 0.31-0.45 -> 0.77-0.87). Components below ``min_lesion_mm3`` and components whose border
+   phantoms' precision 0.31-0.45 -> 0.69-0.87). Components below ``min_lesion_mm3`` and components whose border
    is mostly CSF or outside the brain (sulcal partial-volume artefacts,
    ``max_csf_border``) are dropped.
    *Without FLAIR* T2w cannot tell lesions from CSF and its partial volume with tissue
@@ -306,10 +306,14 @@ def _t1_hypo_z(images, tissue) -> np.ndarray:
 
 def _core_vs_gm(flair, lab, n, seeds, tissue) -> np.ndarray:
     """Per component of ``lab``: the mean FLAIR of its seed voxels (its brightest voxel if
-    it has none) as a z-score against normal grey matter (the grey-matter peak and its
-    lower half-width, the unit of :meth:`_Tissue.z_hyper`'s grey-matter term). One pass
-    over the voxels, whatever the number of components."""
+    it has none) as a z-score against normal grey matter: the grey-matter peak and the
+    narrower of its two half-widths. Other tissues only widen a side of that peak (white
+    matter and partial volume with CSF the lower one, lesions the upper one), and on a
+    thick-slice FLAIR whose template was registered to the FLAIR itself the lower one was
+    1.8 times the upper (real longitudinal patient, FLAIR alone). One pass over the voxels,
+    whatever the number of components."""
     pg = tissue.peak("FLAIR", flair, "gm")
+    width = np.float32(min(pg.sigma_low, pg.sigma_high))
     core = np.full(n + 1, -np.inf, np.float32)
     if n:
         core[1:] = ndi.maximum(flair, lab, np.arange(1, n + 1))
@@ -319,7 +323,7 @@ def _core_vs_gm(flair, lab, n, seeds, tissue) -> np.ndarray:
         mean = np.bincount(ls, weights=flair[sel], minlength=n + 1) / np.maximum(cnt, 1)
         core = np.where(cnt > 0, mean, core).astype(np.float32)
         core[0] = -np.inf
-    return (core - np.float32(pg.mode)) / np.float32(pg.sigma_low)
+    return (core - np.float32(pg.mode)) / width
 
 
 def _core_level(score, lab, n, seeds, fraction, floor):
