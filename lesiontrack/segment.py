@@ -316,11 +316,12 @@ def _core_vs_gm(flair, lab, n, seeds, tissue) -> np.ndarray:
     width = np.float32(min(pg.sigma_low, pg.sigma_high))
     core = np.full(n + 1, -np.inf, np.float32)
     if n:
-        core[1:] = ndi.maximum(flair, lab, np.arange(1, n + 1))
-        sel = seeds & (lab > 0)
-        ls = lab[sel]
-        cnt = np.bincount(ls, minlength=n + 1)
-        mean = np.bincount(ls, weights=flair[sel], minlength=n + 1) / np.maximum(cnt, 1)
+        idx = np.flatnonzero(lab)                 # the lesion voxels only (no sort of the image)
+        ls, fl = lab.ravel()[idx], flair.ravel()[idx]
+        np.maximum.at(core, ls, fl)
+        sd = seeds.ravel()[idx]
+        cnt = np.bincount(ls[sd], minlength=n + 1)
+        mean = np.bincount(ls[sd], weights=fl[sd], minlength=n + 1) / np.maximum(cnt, 1)
         core = np.where(cnt > 0, mean, core).astype(np.float32)
         core[0] = -np.inf
     return (core - np.float32(pg.mode)) / width
