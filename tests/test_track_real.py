@@ -59,13 +59,43 @@ def p12():
                           brain_mask=priors.brain_mask).change[1] > 0
     det0 = metrics.lesion_detection(gt, plain, spacing=grid.spacing)
     cover = metrics.lesion_detection(gt, masks[0] | masks[1], spacing=grid.spacing)
+    ceiling = _truth_ceiling(gt, norm, priors, widths, grid.spacing, cfg)
     res = {"sensitivity": det["recall"], "fp_components": det["fp"], "n_truth": det["n_truth"],
            "dice": metrics.dice(gt, change), "truth_covered_by_masks": cover["recall"],
            "plain": {"sensitivity": det0["recall"], "fp_components": det0["fp"],
                      "dice": metrics.dice(gt, plain)},
-           "intervals": tr.intervals.to_dict("records")}
+           "intervals": tr.intervals.to_dict("records"), "ceiling": ceiling}
     print(res)
     return res
+
+
+def _truth_ceiling(gt, norm, priors, widths, spacing, cfg):
+    """What share of the ground-truth change lesions any map could find that keeps to
+    the package's two definitions: a change component is countable from
+    ``[track] min_change_mm3`` (a 3 mm sphere, the smallest lesion MAGNIMS counts), and a
+    lesion is FLAIR-brighter than normal grey matter (``[segment] core_above_gm_z``
+    narrower half-widths above the grey-matter peak) -- judged here, optimistically, by
+    the component's brightest voxel at the visit where it is lesion (the brighter one)."""
+    from scipy import ndimage as ndi
+
+    from lesiontrack import segment
+
+    lab, n = ndi.label(gt, ndi.generate_binary_structure(3, 3))
+    idx = np.arange(1, n + 1)
+    vol = np.bincount(lab.ravel(), minlength=n + 1)[1:] * float(np.prod(spacing))
+    tissue = segment._Tissue(np.asarray(priors.brain_mask, bool), priors.wm_prob, priors.gm_prob,
+                             cfg["segment"], widths)
+    level = []
+    for f in norm:                                       # loop over the two sessions
+        p = tissue.peak("FLAIR", f, "gm")
+        tissue._cache.clear()
+        level.append(p.mode + float(cfg["segment"]["core_above_gm_z"]) * min(p.sigma_low, p.sigma_high))
+    gain = ndi.mean(norm[1] - norm[0], lab, idx) > 0
+    brightest = np.where(gain, ndi.maximum(norm[1], lab, idx), ndi.maximum(norm[0], lab, idx))
+    visible = brightest >= np.where(gain, level[1], level[0])
+    countable = vol >= float(cfg["track"]["min_change_mm3"])
+    return {"countable": float(countable.mean()), "visible": float(visible.mean()),
+            "both": float((countable & visible).mean()), "n": int(n)}
 
 
 def test_real_change_false_positives(p12):
@@ -87,10 +117,20 @@ def test_real_change_detector_costs_nothing(p12):
 
 
 def test_real_change_sensitivity(p12):
+    """The target: lesion-wise sensitivity 0.8 (measured 0.13, 6 of 46). Not reachable by
+    a map that keeps to the package's definitions: 12 of the 46 ground-truth change
+    lesions are smaller than the smallest countable change (3 mm sphere, 14.1 mm^3), so
+    at most 34 of 46 (0.74) can be drawn; 14 of the 46 (6 of those 34) never reach the
+    grey-matter level of the core rule even at their brightest voxel, so at most 28 of 46
+    (0.61) are both countable and FLAIR-brighter than grey matter.
+    The failure message reports these ceilings from the data."""
+    c = p12["ceiling"]
     assert p12["sensitivity"] >= 0.8, (
         f"lesion-wise sensitivity {p12['sensitivity']:.2f} (Dice {p12['dice']:.3f}); the two "
         f"visits' lesion masks together cover {p12['truth_covered_by_masks']:.2f} of the "
-        "ground-truth change lesions")
+        f"ground-truth change lesions; of those {c['n']} lesions {c['countable']:.2f} are "
+        f"countable (min_change_mm3), {c['visible']:.2f} FLAIR-brighter than grey matter "
+        f"(core_above_gm_z, brightest voxel) and {c['both']:.2f} both")
 
 
 # ------------------------------------------------------------------ the whole pipeline
