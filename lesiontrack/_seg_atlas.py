@@ -194,9 +194,10 @@ def warp_template(fixed: Image, skullstripped: bool, cfg: dict, affine: sitk.Tra
     before ``affine``; its control points are ``template_warp_mm`` apart, so it moves
     ventricles, deep grey matter and the cortex as a whole but cannot follow single gyri
     or lesions. Mattes mutual information (any contrast) on the ``registration_voxel_mm``
-    grid, L-BFGS-B for ``template_warp_iterations`` per level, two levels; on images with
-    skull the metric is restricted to the affinely carried template brain, grown by two
-    voxels.
+    grid, L-BFGS-B for ``template_warp_iterations`` per level, two levels, each control
+    point's displacement bounded by half the control-point spacing; on images with skull
+    the metric is restricted to the affinely carried template brain, grown by two voxels.
+    If the optimisation still fails, the affine map is kept (with a warning).
     """
     t = load_templates(int(cfg.get("registration_template_resolution", cfg["template_resolution"])))
     tmpl = t["T1w"].with_data(t["T1w"].data * (t["brain"].data > 0.5))
@@ -204,32 +205,55 @@ def warp_template(fixed: Image, skullstripped: bool, cfg: dict, affine: sitk.Tra
     m = sitk.Cast(sitk_bridge.to_sitk(tmpl), sitk.sitkFloat32)
     extent = np.array(f.GetSize()) * np.array(f.GetSpacing())
     mesh = [max(1, int(round(e / float(cfg["template_warp_mm"])))) for e in extent]
-    bspline = sitk.BSplineTransformInitializer(f, mesh, 3)
     if skullstripped:
         fmask = sitk.Cast(f > 0, sitk.sitkUInt8)
     else:
         brain = sitk.Resample(sitk.Cast(sitk_bridge.to_sitk(t["brain"]), sitk.sitkFloat32), f, affine,
                               sitk.sitkLinear, 0.0) > 0.5
         fmask = sitk.BinaryDilate(sitk.Cast(brain, sitk.sitkUInt8), [2, 2, 2])
-    reg = _mi_registration(cfg, sitk.Cast(m > 0, sitk.sitkUInt8), fmask)
-    reg.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5,
-                             numberOfIterations=int(cfg["template_warp_iterations"]),
-                             maximumNumberOfCorrections=5, maximumNumberOfFunctionEvaluations=1000,
-                             costFunctionConvergenceFactor=1e7)
-    reg.SetShrinkFactorsPerLevel([2, 1])
-    reg.SetSmoothingSigmasPerLevel([1.0, 0.0])
-    reg.SetSmoothingSigmasAreSpecifiedInPhysicalUnits(False)
-    reg.SetMovingInitialTransform(affine)
-    reg.SetInitialTransform(bspline, inPlace=True)
-    try:
-        reg.Execute(f, m)
-    except RuntimeError as exc:      # e.g. a diverging optimisation carried the template away
-        log.warning("template warp failed (%s); the affine alignment is used",
-                    str(exc).strip().splitlines()[-1])
+    iterations = int(cfg["template_warp_iterations"])
+    # every control point's displacement is bounded by half the control-point spacing:
+    # unbounded, a long optimiser step could carry the template off the subject
+    # ("all samples map outside moving image buffer": the affine map was then all that
+    # was left), and neighbouring control points cannot cross
+    bound = 0.5 * float(cfg["template_warp_mm"])
+    optimisers = (
+        ("L-BFGS-B", lambda r: r.SetOptimizerAsLBFGSB(
+            gradientConvergenceTolerance=1e-5, numberOfIterations=iterations,
+            maximumNumberOfCorrections=5, maximumNumberOfFunctionEvaluations=1000,
+            costFunctionConvergenceFactor=1e7, lowerBound=-bound, upperBound=bound)),
+        # on a rough mutual-information surface L-BFGS-B's line search can fail at its
+        # first step and leave the deformation at zero; a gradient descent with a line
+        # search, its steps scaled by the physical shift they cause, still moves
+        ("gradient descent", lambda r: (r.SetOptimizerAsGradientDescentLineSearch(
+            learningRate=1.0, numberOfIterations=iterations, convergenceMinimumValue=1e-5,
+            convergenceWindowSize=5, estimateLearningRate=r.EachIteration,
+            maximumStepSizeInPhysicalUnits=0.05 * bound), r.SetOptimizerScalesFromPhysicalShift())),
+    )
+    for name, set_optimiser in optimisers:
+        bspline = sitk.BSplineTransformInitializer(f, mesh, 3)
+        reg = _mi_registration(cfg, sitk.Cast(m > 0, sitk.sitkUInt8), fmask)
+        set_optimiser(reg)
+        reg.SetShrinkFactorsPerLevel([2, 1])
+        reg.SetSmoothingSigmasPerLevel([1.0, 0.0])
+        reg.SetSmoothingSigmasAreSpecifiedInPhysicalUnits(False)
+        reg.SetMovingInitialTransform(affine)
+        reg.SetInitialTransform(bspline, inPlace=True)
+        try:
+            reg.Execute(f, m)
+        except RuntimeError as exc:      # e.g. a diverging optimisation carried the template away
+            log.warning("template warp (%s) failed (%s)", name, str(exc).strip().splitlines()[-1])
+            continue
+        moved = float(np.max(np.abs(bspline.GetParameters()))) if bspline.GetNumberOfParameters() else 0.0
+        log.info("template warp (%s control-point cells, %s): metric %.4f after %d iterations, "
+                 "largest control-point shift %.1f mm (%s)", "x".join(map(str, mesh)), name,
+                 reg.GetMetricValue(), reg.GetOptimizerIteration(), moved,
+                 reg.GetOptimizerStopConditionDescription())
+        if moved >= 0.01 * bound:
+            break
+    else:
+        log.warning("template warp: no optimiser moved the template; the affine alignment is used")
         return affine
-    log.info("template warp (%s control-point cells): metric %.4f after %d iterations (%s)",
-             "x".join(map(str, mesh)), reg.GetMetricValue(), reg.GetOptimizerIteration(),
-             reg.GetOptimizerStopConditionDescription())
     # the B-spline, sampled on the registration grid, as a displacement field: the field
     # is smooth on the scale of the control points, so linear interpolation of it changes
     # the carried maps by under 0.01, and it carries them about four times faster

@@ -138,7 +138,31 @@ def test_template_warp_that_fails_falls_back_to_the_affine_map(monkeypatch, capl
     with caplog.at_level("WARNING"):
         out = _seg_atlas.warp_template(subject, True, dict(CFG, template_warp_mm=40), identity)
     assert out is identity
-    assert "template warp failed" in caplog.text and "affine" in caplog.text
+    assert "template warp (L-BFGS-B) failed" in caplog.text
+    assert "template warp (gradient descent) failed" in caplog.text
+    assert "the affine alignment is used" in caplog.text
+
+
+def test_template_warp_that_does_not_move_tries_the_second_optimiser(monkeypatch, caplog):
+    """An L-BFGS-B whose line search fails at its first step leaves the deformation at zero
+    (seen on a warped phantom); the warp is then run by a gradient descent, which moves."""
+    from lesiontrack import _seg_atlas
+
+    t = load_templates(2)
+    shifted = np.roll(t["T1w"].data * (t["brain"].data > 0.5), 3, axis=0) * 500
+    subject = Image(shifted, t["T1w"].affine)
+
+    def stuck(self, **kw):          # an optimiser that never moves
+        self.SetOptimizerAsGradientDescent(learningRate=0.0, numberOfIterations=2)
+
+    monkeypatch.setattr(sitk.ImageRegistrationMethod, "SetOptimizerAsLBFGSB", stuck)
+    with caplog.at_level("INFO"):
+        out = _seg_atlas.warp_template(subject, True, dict(CFG, template_warp_mm=40,
+                                                           template_warp_iterations=10),
+                                       sitk_bridge.identity())
+    assert "L-BFGS-B): metric" in caplog.text and "largest control-point shift 0.0 mm" in caplog.text
+    assert "gradient descent): metric" in caplog.text
+    assert isinstance(out, sitk.CompositeTransform)
 
 
 def test_preprocess_session_same_with_one_or_more_threads(monkeypatch):
