@@ -179,10 +179,9 @@ def test_pipeline_brain_mask_on_real_patient(p12_pipeline):
 
 
 def test_pipeline_change_map_on_real_patient(p12_pipeline):
-    """The whole pipeline's native-grid change map. Measured: Dice 0.51, sensitivity 0.15
-    (7 of 46), 5 false-positive components with the atlas refined by a B-spline
-    deformation (``template_warp_mm = 40``, the default); with the affine atlas alone:
-    Dice 0.45, sensitivity 0.11, 2 false-positive components (3 before a lesion's FLAIR volume change had to be
+    """The whole pipeline's native-grid change map. Measured: Dice 0.45, sensitivity 0.11,
+    2 false-positive components (with the atlas refined by a B-spline deformation,
+    ``template_warp_mm = 40``: Dice 0.51, 0.15 (7 of 46), 5; 3 before a lesion's FLAIR volume change had to be
     confirmed on T2w; Dice 0.44, 0.13 and 1 before the inputs were conformed to
     RAS+, which moved the subject grid's sub-voxel placement; 5 before each subject-space lesion was kept one piece on the
     native grid; Dice 0.42 and 6 resampled nearest-neighbour onto the native
