@@ -18,7 +18,10 @@ for change in the images themselves:
    the current visit is the lesion, loss where the previous one was. Regions grow by
    hysteresis from the seeds through such voxels whose change reaches
    ``min_intensity_z`` in the same direction;
-4. regions smaller than ``min_change_mm3`` are dropped.
+4. regions smaller than ``min_change_mm3`` are dropped;
+5. a lesion that appeared or vanished whole, away from every lesion of either visit, is
+   measured by its extent at the segmentation's growth level (``change_absent_z``),
+   as the segmentation's hysteresis measures a lesion (:func:`_whole_new_regions`).
 
 The tracker adds gained regions to the current visit's lesion mask (a missed new lesion
 then gets an ID and its status by the usual rules), draws gained and lost regions in
@@ -140,7 +143,7 @@ def noise_model(diff: np.ndarray, mean_img: np.ndarray, region: np.ndarray, spac
 
 def detect_change(ev, z_prev: np.ndarray, z_cur: np.ndarray, brain: np.ndarray,
                   connectivity: int, voxel_volume: float, c: dict, f_prev=None, f_cur=None,
-                  spacing=None):
+                  spacing=None, masks=None):
     """Regions of significant gain and loss of lesion signal (see module notes).
 
     Parameters
@@ -164,6 +167,11 @@ def detect_change(ev, z_prev: np.ndarray, z_cur: np.ndarray, brain: np.ndarray,
         searched, and the noise SD follows :func:`noise_model` (edges, where a
         residual misalignment changes the difference, need more change).
     spacing : sequence of 3 float, optional
+    masks : (ndarray, ndarray) of bool, optional
+        The two visits' lesion masks. Given, a lesion that appeared (vanished) whole,
+        away from every lesion of either visit's mask and from every confident lesion of
+        the other visit, is measured by its whole extent at the growth level
+        (:func:`_whole_new_regions`).
 
     Returns
     -------
@@ -206,8 +214,39 @@ def detect_change(ev, z_prev: np.ndarray, z_cur: np.ndarray, brain: np.ndarray,
             keep &= np.bincount(lab.ravel(), minlength=n + 1) * voxel_volume >= c["min_change_mm3"]
             keep[0] = False
             full[box] = keep[lab]
+            if masks is not None:
+                lesions = np.asarray(masks[0], bool)[box] | np.asarray(masks[1], bool)[box]
+                full[box] |= _whole_new_regions(sz, like, other, cand & (sz >= thr), brain, grow,
+                                                lesions, st, voxel_volume, c)
         out.append(full)
     return out[0], out[1]
+
+
+def _whole_new_regions(sz, like, other, seeds, brain, grow, lesions, st, voxel_volume, c):
+    """Regions of a lesion that appeared or vanished whole, missed by both segmentations.
+
+    The change regions of :func:`detect_change` grow only through voxels that are a
+    confident lesion at the brighter visit, so a faint lesion whose confident core is
+    smaller than a countable lesion is dropped even when its extent at the
+    segmentation's growth level is countable. A lesion that is new (or gone) as a whole
+    is measured as the segmentation's hysteresis measures one: from a seed, through
+    voxels changed by ``min_intensity_z`` in its direction that reach the growth level
+    (``change_absent_z``) at the brighter visit and stay below it at the other. Only
+    regions away from everything that makes their outline uncertain qualify: no voxel
+    within one voxel of a confident lesion of the other visit (``change_lesion_z``)
+    or of either visit's lesion mask. On a lesion's rim the stricter rule stays: there
+    the growth level follows the outline's drift between acquisitions, not new lesion.
+    """
+    reg = brain & (sz >= grow) & (like >= c["change_absent_z"]) & (other < c["change_absent_z"])
+    lab, n = ndi.label(reg, structure=st)
+    if n == 0:
+        return np.zeros(reg.shape, bool)
+    ok = np.bincount(lab[seeds], minlength=n + 1) > 0
+    near = ndi.binary_dilation((other >= c["change_lesion_z"]) | lesions, st)
+    ok &= np.bincount(lab[near], minlength=n + 1) == 0
+    ok &= np.bincount(lab.ravel(), minlength=n + 1) * voxel_volume >= c["min_change_mm3"]
+    ok[0] = False
+    return ok[lab]
 
 
 def rescue_missed(masks, lesion_z, flair, brain: np.ndarray, spacing, c: dict) -> list:

@@ -282,7 +282,7 @@ def _add_detected_change(masks, flair, lesion_z, brain, spacing, c):
                                 c["background_mm"])
         gain, loss = detect_change(ev, np.asarray(lesion_z[t - 1]), np.asarray(lesion_z[t]),
                                    brain, c["connectivity"], vv, c, f_prev=flair[t - 1],
-                                   f_cur=flair[t], spacing=spacing)
+                                   f_cur=flair[t], spacing=spacing, masks=(masks[t - 1], masks[t]))
         masks[t] |= gain
         detected[t] = (gain, loss)
     return masks, detected

@@ -234,3 +234,35 @@ def test_a_faint_region_before_a_new_lesion_is_not_rescued(cfg):
     lid = int(tr.labels[1][18, 18, 18])
     row = tr.events[(tr.events.lesion_id == lid) & (tr.events.session_index == 1)]
     assert row.status.iloc[0] == "new"
+
+
+def test_a_faint_new_lesion_counts_with_its_whole_extent(cfg):
+    """A faint new lesion, confidently lesion only in a core smaller than a countable
+    lesion but at the segmentation's growth level over a countable extent, away from
+    every lesion of the other visit, is detected as a whole. The same profile on the rim
+    of a lesion present at both visits is not: rims follow the stricter rule."""
+    lo, hi = cfg["change_absent_z"], cfg["change_lesion_z"]
+    new_core, new = ball((26, 26, 10), 1.2), ball((26, 26, 10), 3)
+    big = ball((10, 10, 18), 6)
+    rim = ball((10, 10, 25.5), 3) & ~big
+    rim_core = ball((10, 10, 25.5), 1.2) & ~big
+    assert new_core.sum() < cfg["min_change_mm3"] <= new.sum()
+    rng = np.random.default_rng(11)
+    f = [(1.0 + SIGMA * rng.standard_normal(SHAPE)).astype(np.float32) for _ in range(2)]
+    for img in f:
+        img[big] += 0.5
+    f[1][new | rim] += 0.25
+    f[1][new_core | rim_core] += 0.25                # the core is brighter
+    z = [np.zeros(SHAPE, np.float32) for _ in range(2)]
+    for zz in z:
+        zz[big] = 2 * hi
+    z[1][new | rim] = 0.5 * (lo + hi)              # growth level, not a confident lesion
+    z[1][new_core | rim_core] = hi + 1.0
+    tr = track_lesions([big, big.copy()], (1, 1, 1), cfg, flair=f, brain_mask=np.ones(SHAPE, bool), lesion_z=z)
+    ch = tr.change[1]
+    assert (ch[new] == 1).mean() > 0.8
+    lid = int(tr.labels[1][26, 26, 10])
+    row = tr.events[(tr.events.lesion_id == lid) & (tr.events.session_index == 1)]
+    assert lid > 0 and row.status.iloc[0] == "new"
+    assert not ch[rim].any()
+    assert not ch[~ball((26, 26, 10), 4)].any()

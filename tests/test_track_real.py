@@ -104,8 +104,10 @@ def test_real_change_false_positives(p12):
 
 def test_real_change_detector_costs_nothing(p12):
     """The image-driven detector on top of the mask differences, on the same masks: it
-    must not add false positives nor lose change. (Measured: sensitivity 0.13 -> 0.13,
-    false-positive components 0 -> 0, voxel Dice 0.446 -> 0.447; 0.20, 1, 0.469 both
+    must not add false positives nor lose change. (Measured: sensitivity 0.13 -> 0.17,
+    false-positive components 0 -> 0, voxel Dice 0.446 -> 0.462, the two lesions it adds
+    being faint new lesions measured by their whole extent; 0.13 -> 0.13, 0 -> 0,
+    0.446 -> 0.447 before that; 0.20, 1, 0.469 both
     before a lesion's core had to be brighter than grey matter. Its one extra finding
     in an earlier version was a 50 mm^3 rim piece of a 2.3 mL lesion, below that lesion's
     minimum detectable change; such rim pieces are no longer drawn for a lesion that stays
@@ -117,7 +119,7 @@ def test_real_change_detector_costs_nothing(p12):
 
 
 def test_real_change_sensitivity(p12):
-    """The target: lesion-wise sensitivity 0.8 (measured 0.13, 6 of 46). Not reachable by
+    """The target: lesion-wise sensitivity 0.8 (measured 0.17, 8 of 46). Not reachable by
     a map that keeps to the package's definitions: 12 of the 46 ground-truth change
     lesions are smaller than the smallest countable change (3 mm sphere, 14.1 mm^3), so
     at most 34 of 46 (0.74) can be drawn; 14 of the 46 (6 of those 34) never reach the
