@@ -73,11 +73,17 @@ class Acquisition:
         return Image(np.zeros(self.shape, np.uint8), self.affine, source=self.modality)
 
 
-def plan_acquisition(modality, resolution, head_box, centre, rng) -> Acquisition:
-    """Random pose, orientation and obliquity; a grid covering ``head_box`` (world RAS)."""
+def plan_acquisition(modality, resolution, head_box, centre, rng, *, max_rotation_deg=MAX_ROT_DEG,
+                     max_shift_mm=MAX_SHIFT_MM, pitch_deg=0.0) -> Acquisition:
+    """Random pose, orientation and obliquity; a grid covering ``head_box`` (world RAS).
+
+    The head is turned by up to ``max_rotation_deg`` about each axis and shifted by up
+    to ``max_shift_mm`` along each (uniform, drawn per image), after a pitch of
+    ``pitch_deg`` (about the left-right axis) common to every image.
+    """
     spec = SPECS[modality]
-    rot = rng.uniform(-MAX_ROT_DEG, MAX_ROT_DEG, 3)
-    shift = rng.uniform(-MAX_SHIFT_MM, MAX_SHIFT_MM, 3)
+    rot = rng.uniform(-max_rotation_deg, max_rotation_deg, 3) + np.array([pitch_deg, 0.0, 0.0])
+    shift = rng.uniform(-max_shift_mm, max_shift_mm, 3)
     pose = np.eye(4)
     pose[:3, :3] = euler(rot)
     pose[:3, 3] = centre - pose[:3, :3] @ centre + shift        # rotate about the head centre

@@ -6,6 +6,7 @@ in ITK resampling direction (fixed point -> moving point, LPS mm).
 """
 from __future__ import annotations
 
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -18,6 +19,8 @@ from skimage.filters import threshold_otsu
 
 from . import sitk_bridge
 from .image import Image, crop_image
+
+log = logging.getLogger(__name__)
 
 
 class RegistrationError(ValueError):
@@ -307,12 +310,131 @@ def _method(cfg, level: int, fixed: Prepared, fixed_level: sitk.Image,
     return reg
 
 
+def _coarse_fit(cfg, fixed: Prepared, moving: Prepared, tx, mmask):
+    """Optimise ``tx`` in place at the coarsest level; returns the final metric."""
+    reg = _method(cfg, 0, fixed, fixed.levels[0], mmask)
+    reg.SetInitialTransform(tx, inPlace=True)
+    reg.Execute(fixed.levels[0], moving.levels[0])
+    return float(reg.GetMetricValue())
+
+
+def voxel_points(img: sitk.Image, flat_index: np.ndarray) -> np.ndarray:
+    """LPS points (N, 3) of the voxels ``flat_index`` of a SimpleITK image's array."""
+    zyx = np.unravel_index(flat_index, img.GetSize()[::-1])
+    ijk = np.stack(zyx[::-1], axis=1).astype(np.float64)
+    d = np.asarray(img.GetDirection(), np.float64).reshape(3, 3)
+    return np.asarray(img.GetOrigin()) + (ijk * np.asarray(img.GetSpacing())) @ d.T
+
+
+def rotation_search(fixed_pts, fixed_bins, moving: sitk.Image, moving_range, centre, shifts,
+                    range_deg: float, step_deg: float, keep: int, bins: int) -> list:
+    """Coarse rotation search (as FLIRT's): the starts that beat the unrotated ones, best first.
+
+    Every rotation ``R`` of a grid (``step_deg`` steps up to ``range_deg`` about each
+    axis, about ``centre``) with every translation ``t`` of ``shifts`` maps the fixed
+    points ``p`` to ``R (p - c) + c + t``; all are scored in one pass by the normalised
+    mutual information of the fixed points' intensity bins ``fixed_bins`` and the moving
+    image there (its nearest voxel, binned over ``moving_range``: the starts are 15
+    degrees apart and only ranked, the fits refine them). Starts whose points mostly
+    fall outside the moving image are skipped.
+
+    Returns at most ``keep`` pairs ``(R, t)`` (3x3 and 3-vector, LPS), each rotation with its
+    better translation, scoring above the unrotated starts: none when the images are
+    already turned alike, the usual case, so the search costs only its one pass.
+    """
+    if range_deg <= 0 or step_deg <= 0 or keep <= 0:
+        return []
+    centre = np.asarray(centre, np.float64)
+    shifts = np.atleast_2d(np.asarray(shifts, np.float64))
+    pts = np.asarray(fixed_pts, np.float64) - centre                  # (N, 3)
+    g = np.deg2rad(np.arange(-np.floor(range_deg / step_deg), np.floor(range_deg / step_deg) + 1)
+                   * step_deg)
+    ang = np.stack(np.meshgrid(g, g, g, indexing="ij"), axis=-1).reshape(-1, 3)
+    zero = int(np.flatnonzero(np.all(ang == 0, axis=1))[0])
+    rots = np.stack([_euler_zyx(x) for x in ang])                    # (K, 3, 3)
+    # moving voxel index of every start's points: R (p - c) + c + t, through the moving
+    # grid's direction and spacing (ijk = D^T (q - origin) / spacing), nearest voxel
+    d = np.asarray(moving.GetDirection(), np.float64).reshape(3, 3) / np.asarray(moving.GetSpacing())
+    rd = rots.transpose(0, 2, 1) @ d                                  # (K, 3, 3)
+    off = (centre + shifts - np.asarray(moving.GetOrigin())) @ d      # (S, 3)
+    ijk = np.rint((pts[None] @ rd)[:, None] + off[None, :, None, :]).astype(np.intp)
+    size = np.asarray(moving.GetSize())
+    ok = np.all((ijk >= 0) & (ijk < size), axis=-1).reshape(-1, pts.shape[0])
+    flat = (ijk[..., 2] * size[1] + ijk[..., 1]) * size[0] + ijk[..., 0]
+    vals = sitk.GetArrayViewFromImage(moving).ravel()[np.where(ok, flat.reshape(ok.shape), 0)]
+    lo, hi = moving_range
+    mb = np.clip(((vals - lo) / (hi - lo) * bins).astype(np.intp), 0, bins - 1)
+    k = np.arange(vals.shape[0])[:, None]
+    code = ((k * bins + np.asarray(fixed_bins)[None, :]) * bins + mb)[ok]
+    p = np.bincount(code, minlength=vals.shape[0] * bins * bins).reshape(-1, bins, bins).astype(np.float64)
+    p /= np.maximum(p.sum(axis=(1, 2), keepdims=True), 1.0)
+
+    def ent(x, axis):
+        return -np.sum(x * np.log(np.where(x > 0, x, 1.0)), axis=axis)
+
+    hab = ent(p, (1, 2))
+    nmi = np.full(hab.shape, -np.inf)
+    good = (hab > 0) & (ok.mean(axis=1) >= 0.5)
+    nmi[good] = (ent(p.sum(2), 1) + ent(p.sum(1), 1))[good] / hab[good] - 1.0
+    nmi = nmi.reshape(len(rots), len(shifts))
+    best_t = np.argmax(nmi, axis=1)
+    score = nmi[np.arange(len(rots)), best_t]
+    better = np.flatnonzero(score > score[zero])
+    order = better[np.argsort(-score[better], kind="stable")][:keep]
+    return [(rots[i], shifts[best_t[i]]) for i in order]
+
+
+def _rotation_starts(cfg, fixed: Prepared, moving: Prepared, centre) -> list:
+    """:func:`rotation_search` at the coarsest level of two prepared images.
+
+    The fixed foreground voxels (up to ``samples[0]`` of them) against the moving image,
+    rotations about ``centre`` (``search_step_deg`` steps up to ``search_range_deg``), each
+    with the header's translation and with the foreground centroids matched; at most
+    ``search_starts`` returned, as ``Euler3DTransform`` (fixed point -> moving point).
+    """
+    bins = int(cfg["histogram_bins"])
+    fc, mc = _sim_cache(fixed, 0, bins), _sim_cache(moving, 0, bins)
+    n = max(1, fc["sel"].size // max(1, int(cfg["samples"][0])))
+    found = rotation_search(voxel_points(fixed.levels[0], fc["sel"][::n]), fc["idx"][::n],
+                            moving.levels[0], mc["range"], centre,
+                            [np.zeros(3), moving.centroid - fixed.centroid],
+                            float(cfg["search_range_deg"]), float(cfg["search_step_deg"]),
+                            int(cfg["search_starts"]), bins)
+    out = []
+    for r, t in found:                                   # loop over the few kept
+        e = sitk.Euler3DTransform()
+        e.SetCenter(tuple(float(x) for x in centre))
+        e.SetMatrix(tuple(float(x) for x in r.ravel()))
+        e.SetTranslation(tuple(float(x) for x in t))
+        out.append(e)
+    return out
+
+
+def _angles_deg(t: sitk.Euler3DTransform) -> list:
+    return [round(float(np.degrees(a)), 1) for a in (t.GetAngleX(), t.GetAngleY(), t.GetAngleZ())]
+
+
+def _euler_zyx(a) -> np.ndarray:
+    """Rotation matrix ``Rz Ry Rx`` of the angles ``a`` (rad) about x, y, z."""
+    cx, cy, cz = np.cos(a)
+    sx, sy, sz = np.sin(a)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
 def fit_rigid(fixed: Prepared, moving: Prepared, cfg: dict, init: sitk.Transform | None,
               use_moving_mask: bool = False) -> FitResult:
     """Multi-resolution Mattes-MI rigid fit (fixed point -> moving point).
 
     Without ``init`` the header alignment and a centre-of-mass alignment of the
     foreground masks are compared at the coarsest level and the better one is used.
+    Its coarse-level fit then competes with fits from the best rotations of a coarse
+    search (:func:`_rotation_starts`): one of them replaces it only when it ends with a
+    metric better by ``search_min_gain`` (a fraction of the default's), so a head
+    turned further than the optimiser's capture range (about 10 degrees) is found, and
+    images already close keep their usual result.
     """
     centre = fixed.centroid
     mmask = moving.mask if use_moving_mask else None
@@ -343,6 +465,17 @@ def fit_rigid(fixed: Prepared, moving: Prepared, cfg: dict, init: sitk.Transform
         metric = float(reg.GetMetricValue())
         stop = reg.GetOptimizerStopConditionDescription()
         its = int(reg.GetOptimizerIteration())
+        if lev == 0 and init is None:
+            gain = float(cfg["search_min_gain"]) * abs(metric)
+            for t in _rotation_starts(cfg, fixed, moving, centre):
+                v = _coarse_fit(cfg, fixed, moving, t, mmask)
+                log.debug("rotation search: fit to %s deg, metric %.4f (kept fit: %s deg, %.4f)",
+                          _angles_deg(t), v, _angles_deg(tx), metric)
+                if v < metric - gain:
+                    log.info("rigid fit: a start turned by the rotation search wins (%s deg, "
+                             "metric %.4f against %.4f)", _angles_deg(t), v, metric)
+                    metric, tx = v, t
+                    gain = 0.0
     return FitResult(tx, metric, stop, its)
 
 

@@ -15,8 +15,10 @@ from functools import lru_cache
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage as ndi
+from skimage.filters import threshold_otsu
 
 from . import sitk_bridge
+from ._reg_core import rotation_search, voxel_points
 from .image import Image
 
 __all__ = ["LOCATION_NAMES", "load_templates", "location_map", "register_template", "coarse_fixed",
@@ -136,6 +138,43 @@ def _mi_registration(cfg: dict, moving_mask, fixed_mask=None) -> sitk.ImageRegis
     return reg
 
 
+def _rotated_starts(f: sitk.Image, m: sitk.Image, com: sitk.Similarity3DTransform,
+                    skullstripped: bool, cfg: dict) -> list:
+    """Starts of the similarity stage turned away from the centre-of-mass one.
+
+    A head lies in the scanner pitched or turned against the template's (AC-PC)
+    orientation, often by 10-30 degrees, beyond what the gradient descent captures. The
+    rotations of :func:`lesiontrack._reg_core.rotation_search` (``template_search_step_deg``
+    steps up to ``template_search_range_deg``) about the centre of mass that score better
+    than the unrotated start, at most ``template_search_starts``; the head foreground
+    (Otsu; the brain when skull-stripped) is sampled on about 8,000 voxels.
+    """
+    arr = sitk.GetArrayViewFromImage(f)
+    fg = arr > 0 if skullstripped else arr > threshold_otsu(arr[arr > 0])
+    sel = np.flatnonzero(fg.ravel())
+    if sel.size < 64:
+        return []
+    sel = sel[::max(1, sel.size // 8000)]
+    vals = arr.ravel()[sel]
+    bins = int(cfg["registration_bins"])
+    lo, hi = np.percentile(vals, [1, 99])
+    fbin = np.clip(((vals - lo) / max(hi - lo, 1e-6) * bins).astype(np.intp), 0, bins - 1)
+    mv = sitk.GetArrayViewFromImage(m)
+    found = rotation_search(voxel_points(f, sel), fbin, m,
+                            tuple(np.percentile(mv[mv > 0], [1, 99])), com.GetCenter(),
+                            [com.GetTranslation()], float(cfg["template_search_range_deg"]),
+                            float(cfg["template_search_step_deg"]),
+                            int(cfg["template_search_starts"]), bins)
+    out = []
+    for r, t in found:                                   # loop over the few kept
+        s = sitk.Similarity3DTransform()
+        s.SetCenter(com.GetCenter())
+        s.SetMatrix(tuple(float(x) for x in r.ravel()))
+        s.SetTranslation(tuple(float(x) for x in t))
+        out.append(s)
+    return out
+
+
 def register_template(fixed: Image, skullstripped: bool, cfg: dict, *, init=None,
                       stages=("similarity", "affine")) -> sitk.Transform:
     """Affine transform mapping points of ``fixed`` (LPS) into the MNI152 template.
@@ -158,6 +197,23 @@ def register_template(fixed: Image, skullstripped: bool, cfg: dict, *, init=None
     mmask = sitk.Cast(m > 0, sitk.sitkUInt8)
     fmask = sitk.Cast(f > 0, sitk.sitkUInt8)
     transform = com if init is None else init
+
+    def fit(stage, start):
+        reg = _mi_registration(cfg, mmask, fmask if skullstripped else None)
+        reg.SetOptimizerAsRegularStepGradientDescent(
+            learningRate=1.0, minStep=1e-4, numberOfIterations=int(cfg["registration_iterations"]),
+            relaxationFactor=0.6, gradientMagnitudeTolerance=1e-6)
+        reg.SetOptimizerScalesFromPhysicalShift()
+        reg.SetShrinkFactorsPerLevel([2, 1])
+        reg.SetSmoothingSigmasPerLevel([1.0, 0.0])
+        reg.SetSmoothingSigmasAreSpecifiedInPhysicalUnits(False)
+        reg.SetInitialTransform(start, inPlace=True)
+        reg.Execute(f, m)
+        log.info("template registration %s: metric %.4f after %d iterations (%s)", stage,
+                 reg.GetMetricValue(), reg.GetOptimizerIteration(),
+                 reg.GetOptimizerStopConditionDescription())
+        return float(reg.GetMetricValue())
+
     for stage in stages:
         if stage == "affine":
             aff = sitk.AffineTransform(3)
@@ -169,19 +225,14 @@ def register_template(fixed: Image, skullstripped: bool, cfg: dict, *, init=None
             transform = aff
         elif transform is not com:
             raise ValueError("the similarity stage starts from the centre-of-mass alignment")
-        reg = _mi_registration(cfg, mmask, fmask if skullstripped else None)
-        reg.SetOptimizerAsRegularStepGradientDescent(
-            learningRate=1.0, minStep=1e-4, numberOfIterations=int(cfg["registration_iterations"]),
-            relaxationFactor=0.6, gradientMagnitudeTolerance=1e-6)
-        reg.SetOptimizerScalesFromPhysicalShift()
-        reg.SetShrinkFactorsPerLevel([2, 1])
-        reg.SetSmoothingSigmasPerLevel([1.0, 0.0])
-        reg.SetSmoothingSigmasAreSpecifiedInPhysicalUnits(False)
-        reg.SetInitialTransform(transform, inPlace=True)
-        reg.Execute(f, m)
-        log.info("template registration %s: metric %.4f after %d iterations (%s)", stage,
-                 reg.GetMetricValue(), reg.GetOptimizerIteration(),
-                 reg.GetOptimizerStopConditionDescription())
+        value = fit(stage, transform)
+        if stage == "similarity" and init is None:
+            # a head turned beyond the optimiser's reach: fits from rotated starts compete
+            gain = float(cfg["template_search_min_gain"]) * abs(value)
+            for start in _rotated_starts(f, m, com, skullstripped, cfg):
+                v = fit("similarity, rotated start", start)
+                if v < value - gain:
+                    value, transform, gain = v, start, 0.0
     return sitk_bridge.flatten(transform)
 
 

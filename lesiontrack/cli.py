@@ -85,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     ph.add_argument("--warp", type=float, default=0.0, metavar="MM",
                     help="RMS displacement (mm) of a random smooth warp of the anatomy away from the "
                          "MNI152 template it is drawn on (default 0: the template itself)")
+    ph.add_argument("--max-rotation", type=float, default=4.0, metavar="DEG",
+                    help="each image's head pose: turned by up to this about each axis (default 4)")
+    ph.add_argument("--max-shift", type=float, default=5.0, metavar="MM",
+                    help="each image's head pose: shifted by up to this along each axis (default 5)")
+    ph.add_argument("--pitch", type=float, default=0.0, metavar="DEG",
+                    help="a pitch of the head common to every image (default 0)")
     ph.add_argument("-v", "--verbose", action="count", default=0)
 
     rep = sub.add_parser("report", help="rebuild the HTML report from existing derivatives")
@@ -182,7 +188,9 @@ def main(argv=None) -> int:
             from .phantom import make_phantom
 
             make_phantom(args.output_dir, n_subjects=args.subjects, seed=args.seed,
-                         resolution=args.resolution, skull=args.skull, anatomy_warp_mm=args.warp)
+                         resolution=args.resolution, skull=args.skull, anatomy_warp_mm=args.warp,
+                         max_rotation_deg=args.max_rotation, max_shift_mm=args.max_shift,
+                         pitch_deg=args.pitch)
             print(f"phantom written: {args.output_dir / 'bids'} (BIDS) and {args.output_dir / 'truth'} (ground truth)")
             return 0
         cfg = load_config(args.config)

@@ -21,7 +21,7 @@ import pandas as pd
 
 from . import __version__, sitk_bridge
 from ._io import write_json, write_text, write_tsv
-from ._phantom_acquire import SPECS, acquire, plan_acquisition, write_nifti
+from ._phantom_acquire import MAX_ROT_DEG, MAX_SHIFT_MM, SPECS, acquire, plan_acquisition, write_nifti
 from ._phantom_anatomy import LESION, load_anatomy, render, warp_anatomy
 from ._phantom_lesions import (ENLARGE, LOCATIONS, N_VISITS, SHRINK, Design,
                                design_lesions, render_visits)
@@ -55,7 +55,9 @@ def _rng(seed, subject, purpose):
 
 
 def make_phantom(out_dir, n_subjects: int = 1, seed: int = 0, resolution: int = 2,
-                 progress=None, *, skull: bool = True, anatomy_warp_mm: float = 0.0) -> dict:
+                 progress=None, *, skull: bool = True, anatomy_warp_mm: float = 0.0,
+                 max_rotation_deg: float = MAX_ROT_DEG, max_shift_mm: float = MAX_SHIFT_MM,
+                 pitch_deg: float = 0.0) -> dict:
     """Write a synthetic longitudinal MS dataset and its ground truth.
 
     Parameters
@@ -83,6 +85,15 @@ def make_phantom(out_dir, n_subjects: int = 1, seed: int = 0, resolution: int = 
         anatomy (:func:`lesiontrack._phantom_anatomy.warp_anatomy`). 0, the default,
         draws the MNI152 template itself, which an atlas-based method fits exactly;
         3-5 mm is the residual of real brains after an affine alignment to it.
+    max_rotation_deg, max_shift_mm : float
+        Head pose of each image in the scanner: turned by up to this about each axis
+        (0-45 degrees) and shifted by up to this along each (0-50 mm), uniform and drawn
+        per image, so two images of one visit differ by up to twice as much. The
+        defaults (4 degrees, 5 mm) are a cooperative patient's; 15 and 20 a head
+        repositioned between visits or moving between series.
+    pitch_deg : float
+        A pitch (about the left-right axis, -45..45 degrees) of the head common to every
+        image, as a head lies tilted in the coil against the template's orientation.
 
     Returns
     -------
@@ -105,24 +116,44 @@ def make_phantom(out_dir, n_subjects: int = 1, seed: int = 0, resolution: int = 
     if not 0.0 <= warp <= 10.0:
         raise PhantomError(f"make_phantom: anatomy_warp_mm must be a number of mm in 0..10, got "
                            f"{anatomy_warp_mm!r}")
+    pose = {}
+    for name, value, top in (("max_rotation_deg", max_rotation_deg, 45.0),
+                             ("max_shift_mm", max_shift_mm, 50.0), ("pitch_deg", pitch_deg, 45.0)):
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            v = float("nan")
+        if not (-top if name == "pitch_deg" else 0.0) <= v <= top:
+            raise PhantomError(f"make_phantom: {name} must be a number in "
+                               f"{-top if name == 'pitch_deg' else 0:g}..{top:g}, got {value!r}")
+        pose[name] = v
     out = Path(out_dir)
     bids, truth = out / "bids", out / "truth"
-    _write_dataset_files(bids, truth, n_subjects, seed, resolution, skull, warp)
+    _write_dataset_files(bids, truth, n_subjects, seed, resolution, skull, warp, pose)
     files = {}
     for s in range(1, n_subjects + 1):
         label = f"{s:02d}"
-        files[label] = _make_subject(bids, truth, label, s, seed, resolution, skull, progress, warp)
+        files[label] = _make_subject(bids, truth, label, s, seed, resolution, skull, progress, warp,
+                                     pose)
         if progress is not None:
             progress(f"phantom: sub-{label} written")
     return {"bids": bids, "truth": truth, "subjects": list(files), "seed": int(seed),
             "resolution": int(resolution), "skull": bool(skull), "anatomy_warp_mm": warp,
-            "files": files}
+            **pose, "files": files}
 
 
-def _write_dataset_files(bids, truth, n_subjects, seed, resolution, skull, warp=0.0):
+_POSE_OPTIONS = {"max_rotation_deg": "--max-rotation", "max_shift_mm": "--max-shift",
+                 "pitch_deg": "--pitch"}
+
+
+def _write_dataset_files(bids, truth, n_subjects, seed, resolution, skull, warp=0.0, pose=None):
     cmd = f"lesiontrack phantom OUT --subjects {n_subjects} --seed {seed} --resolution {resolution}"
     if warp > 0:
         cmd += f" --warp {warp:g}"
+    default = {"max_rotation_deg": MAX_ROT_DEG, "max_shift_mm": MAX_SHIFT_MM, "pitch_deg": 0.0}
+    moved = {k: v for k, v in (pose or {}).items() if v != default[k]}   # recorded when not the default
+    for k, v in moved.items():
+        cmd += f" {_POSE_OPTIONS[k]} {v:g}"
     write_json(bids / "dataset_description.json", {
         "Name": "lesiontrack synthetic longitudinal MS phantom", "BIDSVersion": "1.9.0",
         "DatasetType": "raw", "License": "CC0",
@@ -139,7 +170,7 @@ def _write_dataset_files(bids, truth, n_subjects, seed, resolution, skull, warp=
         "DatasetType": "derivative",
         "GeneratedBy": [{"Name": "lesiontrack", "Version": __version__, "Description": cmd}],
         "seed": int(seed), "resolution_mm": int(resolution), "skull": bool(skull),
-        **({"anatomy_warp_mm": warp} if warp > 0 else {})})
+        **({"anatomy_warp_mm": warp} if warp > 0 else {}), **moved})
 
 
 def _sessions_table(subject_index, seed) -> pd.DataFrame:
@@ -200,7 +231,7 @@ def _world_images(anat, base, des: Design, vt, t):
     return out
 
 
-def _make_subject(bids, truth, label, s, seed, resolution, skull, progress, warp=0.0):
+def _make_subject(bids, truth, label, s, seed, resolution, skull, progress, warp=0.0, pose=None):
     anat = warp_anatomy(load_anatomy(resolution, _rng(seed, s, 1), skull=skull), warp, _rng(seed, s, 5))
     des = design_lesions(anat, _rng(seed, s, 2))
     visits, events = render_visits(anat, des, _rng(seed, s, 3))
@@ -238,7 +269,7 @@ def _make_subject(bids, truth, label, s, seed, resolution, skull, progress, warp
                         getattr(vt, name), aff, np.uint8)
         out_files[ses] = {}
         for mod in MODALITIES:                          # loop over contrasts
-            acq = plan_acquisition(mod, resolution, head_box, centre, rng_acq)
+            acq = plan_acquisition(mod, resolution, head_box, centre, rng_acq, **(pose or {}))
             spec = SPECS[mod]
             vols = [world["b0"]] + [world["b1000"]] * len(BVECS) if mod == "dwi" else [world[mod]]
             data = acquire(vols, aff, acq, rng_noise, brain=None if skull else anat.brain)

@@ -37,7 +37,8 @@ REFERENCE_ORDER = ("FLAIR", "T2w")
 _REQUIRED = ("threads", "voxel_size", "min_voxel_size", "grid_extent", "grid_margin_mm",
              "template_iterations", "levels_mm", "samples", "iterations", "step_mm",
              "min_step_mm", "relaxation", "histogram_bins", "mask_level_mm", "mask_margin_mm",
-             "nonuniformity_sigma_mm", "moments_min_shift_mm", "seed", "qc_min_similarity",
+             "nonuniformity_sigma_mm", "moments_min_shift_mm", "search_range_deg", "search_step_deg",
+             "search_starts", "search_min_gain", "seed", "qc_min_similarity",
              "qc_peak_shift_mm", "qc_min_peak_ratio", "qc_outlier_mad", "qc_outlier_min_drop", "qc_max_rotation_deg", "qc_max_translation_mm",
              "qc_max_rotation_deg_longitudinal", "qc_max_translation_mm_longitudinal")
 
@@ -186,7 +187,8 @@ def register_rigid(fixed: Image, moving: Image, cfg: dict, fixed_mask=None, movi
         fixed image; the moving mask is only used when given).
     init : sitk.Transform, optional
         Initial fixed -> moving map; default: the better of the header alignment and a
-        centre-of-mass alignment.
+        centre-of-mass alignment, against starts turned by a coarse rotation search
+        (``search_range_deg``; see ``docs/architecture.md``).
 
     Returns
     -------

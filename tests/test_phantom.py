@@ -286,6 +286,27 @@ def test_bad_arguments():
     for warp in (-1, 11, float("nan"), "far"):
         with pytest.raises(PhantomError, match="anatomy_warp_mm"):
             make_phantom("unused", anatomy_warp_mm=warp)
+    for name, bad in (("max_rotation_deg", -1), ("max_rotation_deg", 46), ("max_shift_mm", 51),
+                      ("max_shift_mm", "far"), ("pitch_deg", -46), ("pitch_deg", float("nan"))):
+        with pytest.raises(PhantomError, match=name):
+            make_phantom("unused", **{name: bad})
+
+
+def test_head_pose_options_turn_the_head_as_asked():
+    """The acquisitions' poses stay within the asked bounds, around the asked pitch; the
+    other random draws are those of the default poses (same lesions, grids and noise)."""
+    from lesiontrack._phantom_acquire import plan_acquisition
+
+    box, centre = [(-80.0, 80.0), (-110.0, 80.0), (-70.0, 90.0)], np.array([0.0, -18.0, 18.0])
+    for mod in ("FLAIR", "T1w", "dwi"):
+        for k in range(20):
+            a = plan_acquisition(mod, 2, box, centre, np.random.default_rng(k))
+            b = plan_acquisition(mod, 2, box, centre, np.random.default_rng(k), max_rotation_deg=15,
+                                 max_shift_mm=20, pitch_deg=30)
+            assert np.all(np.abs(a.rotation_deg) <= 4) and np.all(np.abs(a.shift_mm) <= 5)
+            assert np.allclose(b.rotation_deg - [30, 0, 0], a.rotation_deg * 15 / 4)
+            assert np.allclose(b.shift_mm, a.shift_mm * 4)
+            assert a.orientation == b.orientation and np.array_equal(a.bias_coef, b.bias_coef)
 
 
 def test_anatomy_warp_moves_every_map_by_the_asked_displacement():

@@ -143,14 +143,27 @@ def subject(world, cfg):
 
 
 # ---------------------------------------------------------------------------------------
-def test_register_rigid_recovers_known_transform(world, cfg):
+def flair_and_turned_t1(world, angles, shift):
+    """The world's FLAIR and its T1w turned by ``angles`` (deg) and shifted by ``shift``
+    (mm) about the brain centre, on an oblique, flipped 2 x 2 x 3 mm grid; with the
+    true map (FLAIR point -> T1w point)."""
     rng = np.random.default_rng(3)
     flair = contrast(world, "FLAIR", rng)
-    m = rigid_ras((5, -4, 7), (6, -5, 4), (0, -18, 18))
+    m = rigid_ras(angles, shift, (0, -18, 18))
     moving, t_true = native(contrast(world, "T1w", rng), m, (2.0, 2.0, 3.0), (0, 0, 10), True, rng)
-    t, qc = register_rigid(flair, moving, cfg)
+    return flair, moving, t_true
+
+
+def error_mm(world, t, t_true):
     pts = brain_points(world)
-    d = np.linalg.norm(sitk_bridge.transform_points(t, pts) - sitk_bridge.transform_points(t_true, pts), axis=1)
+    return np.linalg.norm(sitk_bridge.transform_points(t, pts) - sitk_bridge.transform_points(t_true, pts),
+                          axis=1)
+
+
+def test_register_rigid_recovers_known_transform(world, cfg):
+    flair, moving, t_true = flair_and_turned_t1(world, (5, -4, 7), (6, -5, 4))
+    t, qc = register_rigid(flair, moving, cfg)
+    d = error_mm(world, t, t_true)
     assert d.mean() < 0.15 and d.max() < 0.3, (d.mean(), d.max())  # 2-3 mm voxels
     assert not qc.flagged, qc.reason
     assert qc.similarity > 0.1 and qc.metric < 0 and qc.stop_condition
@@ -290,6 +303,29 @@ def test_large_repositioning_between_visits(world, cfg, angles, shift):
     errs = tre(al, truth, brain_points(world))
     assert errs[("ses-02", "FLAIR")][0] < 0.3 and errs[("ses-02", "FLAIR")][1] < 0.8, errs
     assert not any(q.flagged for q in al.qc)
+
+
+@pytest.mark.parametrize("angles, shift", [((30, 0, -25), (10, -15, 5)), ((0, 35, 0), (0, 0, 0)),
+                                           ((40, 0, 0), (0, 10, 0))])
+def test_a_head_turned_beyond_the_optimisers_reach_is_found(world, cfg, angles, shift):
+    """Turned by 30-40 degrees, a contrast is out of the gradient descent's reach from
+    the header or centre-of-mass start (it ends 20-30 mm off with the search off); the
+    coarse rotation search finds it."""
+    flair, moving, t_true = flair_and_turned_t1(world, angles, shift)
+    t, qc = register_rigid(flair, moving, cfg)
+    d = error_mm(world, t, t_true)
+    assert d.mean() < 0.15 and d.max() < 0.3, (d.mean(), d.max())
+    assert qc.similarity > 0.1
+    # flagged only as implausible within a visit (more than qc_max_rotation_deg), not as a failed fit
+    assert qc.flagged and qc.reason.startswith("rotation") and "similarity" not in qc.reason, qc.reason
+
+
+def test_the_rotation_search_leaves_images_turned_alike_alone(world, cfg):
+    """Close to the start, the usual fit wins: the result is the one without the search, bit for bit."""
+    flair, moving, _ = flair_and_turned_t1(world, (5, -4, 7), (6, -5, 4))
+    on, _ = register_rigid(flair, moving, cfg)
+    off, _ = register_rigid(flair, moving, dict(cfg, search_range_deg=0))
+    assert on.GetParameters() == off.GetParameters()
 
 
 def test_side_by_side_fits_give_the_sequential_result(subject, cfg, monkeypatch):
