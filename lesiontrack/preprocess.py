@@ -108,6 +108,14 @@ def _check_cfg(cfg: dict):
     for key in ("template_resolution", "registration_template_resolution"):
         if int(cfg[key]) not in (1, 2):
             raise PreprocessError(f"[preprocess] {key} must be 1 or 2 (mm), got {cfg[key]!r}")
+    for key in ("template_search_range_deg", "template_search_step_deg", "template_search_starts",
+                "template_search_min_gain"):
+        v = cfg.get(key, 0)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or \
+                (key == "template_search_starts" and v != int(v)):
+            raise PreprocessError(f"[preprocess] {key} must be a number >= 0"
+                                  f"{' (an integer)' if key == 'template_search_starts' else ''} "
+                                  f"(0 turns the rotation search off), got {v!r}")
     warp = cfg.get("template_warp_mm", 0)
     if isinstance(warp, bool) or not isinstance(warp, (int, float)) or not (warp == 0 or 10 <= warp <= 200):
         raise PreprocessError(f"[preprocess] template_warp_mm must be 0 (affine only) or a control-point "

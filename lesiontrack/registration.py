@@ -116,6 +116,13 @@ def _check_cfg(cfg: dict):
                                             and cfg["voxel_size"] > 0):
         raise RegistrationError(f"registration.voxel_size must be 'auto' or a positive number "
                                 f"(mm), got {cfg['voxel_size']!r}")
+    for key in ("search_range_deg", "search_step_deg", "search_starts", "search_min_gain"):
+        v = cfg[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or \
+                (key == "search_starts" and v != int(v)):
+            raise RegistrationError(f"registration.{key} must be a number >= 0"
+                                    f"{' (an integer)' if key == 'search_starts' else ''} "
+                                    f"(0 turns the rotation search off), got {v!r}")
     if int(cfg["template_iterations"]) < 0:
         raise RegistrationError("registration.template_iterations must be >= 0, got "
                                 f"{cfg['template_iterations']}")

@@ -83,6 +83,10 @@ def test_prepare_subject_on_shifted_template():
     for bad in (5, 500, -1, True, "40"):
         with pytest.raises(preprocess.PreprocessError, match="template_warp_mm"):
             preprocess.prepare_subject({"T1w": img}, dict(cfg, template_warp_mm=bad))
+    for key, value in (("template_search_range_deg", -1), ("template_search_starts", 1.5),
+                       ("template_search_min_gain", "5 %")):
+        with pytest.raises(preprocess.PreprocessError, match=key):
+            preprocess.prepare_subject({"T1w": img}, dict(cfg, **{key: value}))
     with pytest.raises(preprocess.PreprocessError, match="template_warp_iterations"):
         preprocess.prepare_subject({"T1w": img}, dict(cfg, template_warp_mm=40, template_warp_iterations=0))
 

@@ -261,6 +261,10 @@ def test_bad_inputs_raise_clear_errors(world, cfg):
         register_rigid(t1, t1, bad)
     with pytest.raises(RegistrationError, match="constant"):
         register_rigid(t1, t1.with_data(np.ones(t1.shape, np.float32)), cfg)
+    for key, value in (("search_range_deg", -5), ("search_step_deg", "15"), ("search_starts", 2.5),
+                       ("search_min_gain", float("nan")), ("search_starts", True)):
+        with pytest.raises(RegistrationError, match=f"registration.{key} must be a number >= 0"):
+            register_rigid(t1, t1, dict(cfg, **{key: value}))
     assert issubclass(RegistrationError, ValueError)
 
 
