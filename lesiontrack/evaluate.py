@@ -64,7 +64,12 @@ def evaluate_subject(output_dir, truth_dir, bids_dir, subject, min_volume_mm3=10
             if pe.exists() and pt is not None:
                 est[ses, mod] = sitk_bridge.read_transform(pe)
                 true[ses, mod] = sitk_bridge.read_transform(pt)
-    s0 = sessions[0]
+    # the sessions the run processed (a run may cover a subset: --session-label)
+    done = [ses for ses in sessions if (ses, "FLAIR") in est or (ses, "T2w") in est]
+    if not done:
+        raise FileNotFoundError(f"{out}: no processed session of sub-{subject} (no "
+                                f"sub-{subject}_ses-*_from-FLAIR/T2w_to-individual transform)")
+    s0 = done[0]
     ref0 = "FLAIR" if (s0, "FLAIR") in est else "T2w"
     # points in the first reference image; est/true maps ref0 -> (s, m)
     pts_ref0 = sitk_bridge.transform_points(true[s0, ref0], pts)
@@ -81,7 +86,7 @@ def evaluate_subject(output_dir, truth_dir, bids_dir, subject, min_volume_mm3=10
 
     seg_rows = []
     spacing = world.spacing
-    for ses in sessions:
+    for ses in done:
         ref = "FLAIR" if (ses, "FLAIR") in est else "T2w"
         # world point -> ref image point (truth) -> individual point (inverse of estimate)
         w2i = sitk_bridge.compose(true[ses, ref], sitk_bridge.inverse(est[ses, ref]))
@@ -115,8 +120,11 @@ def evaluate_subject(output_dir, truth_dir, bids_dir, subject, min_volume_mm3=10
             row["native_lesion_f1"] = det["f1"]
         seg_rows.append(row)
     seg = pd.DataFrame(seg_rows)
-    return {"subject": subject, "registration": reg, "segmentation": seg,
-            "status": _status_accuracy(out, tdir, subject, sessions, world, est, true)}
+    # the truth's statuses compare each visit with the one before it: scored only when the
+    # run has every visit
+    status = _status_accuracy(out, tdir, subject, sessions, world, est, true) if done == sessions else None
+    return {"subject": subject, "registration": reg, "segmentation": seg, "status": status,
+            "sessions_scored": done, "sessions_missing": [s for s in sessions if s not in done]}
 
 
 def _status_accuracy(out, tdir, subject, sessions, world, est, true):
@@ -190,4 +198,7 @@ def format_scores(scores: dict) -> str:
         if sc.get("status"):
             st = sc["status"]
             lines.append(f"lesion status correct: {st['correct']}/{st['total']} = {st['accuracy']:.1%}")
+        elif sc.get("sessions_missing"):
+            lines.append(f"lesion status not scored: the run lacks {', '.join(sc['sessions_missing'])} "
+                         "(the truth's statuses compare each visit with the one before it)")
     return "\n".join(lines)

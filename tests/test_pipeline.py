@@ -162,6 +162,27 @@ def test_native_lesion_masks_keep_the_volume_and_match_the_truth(demo_out):
     assert seg["native_lesion_dice"].min() >= 0.6
 
 
+def test_evaluating_a_run_of_some_visits_scores_those(demo_out, tmp_path):
+    """A run of a subset of the visits (``--session-label``): the processed visits are
+    scored; the statuses are not (the truth's compare each visit with the one before it),
+    and the report says why. A run with no visit at all is a clear error."""
+    import shutil
+
+    from lesiontrack.evaluate import evaluate_run, format_scores
+
+    part = tmp_path / "part"
+    shutil.copytree(demo_out, part, ignore=shutil.ignore_patterns("ses-03"))
+    sc = evaluate_run(part, TRUTH, BIDS)["01"]
+    assert sc["sessions_missing"] == ["ses-03"] and "ses-03" not in sc["sessions_scored"]
+    assert list(sc["segmentation"]["session_id"]) == sc["sessions_scored"]
+    assert sc["status"] is None and set(sc["registration"]["session_id"]) <= set(sc["sessions_scored"])
+    assert "lesion status not scored: the run lacks ses-03" in format_scores({"01": sc})
+    empty = tmp_path / "empty"
+    shutil.copytree(demo_out, empty, ignore=shutil.ignore_patterns("ses-*"))
+    with pytest.raises(FileNotFoundError, match="no processed session of sub-01"):
+        evaluate_run(empty, TRUTH, BIDS)
+
+
 def _float32_copy(src: Path, dst: Path, reorder: bool):
     """The example's first two visits, every image stored as float32 (the same values);
     with ``reorder`` each anatomical image's voxel axes are permuted and flipped in the file
