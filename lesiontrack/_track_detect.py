@@ -249,7 +249,7 @@ def _whole_new_regions(sz, like, other, seeds, brain, grow, lesions, st, voxel_v
     return ok[lab]
 
 
-def rescue_missed(masks, lesion_z, flair, brain: np.ndarray, spacing, c: dict) -> list:
+def rescue_missed(masks, lesion_z, flair, brain: np.ndarray, spacing, c: dict, observed=None) -> list:
     """Lesions a visit's segmentation missed that a neighbouring visit found.
 
     Hysteresis across time: where a lesion of the previous or the next visit (grown by
@@ -274,6 +274,9 @@ def rescue_missed(masks, lesion_z, flair, brain: np.ndarray, spacing, c: dict) -
     spacing : sequence of 3 float
     c : dict
         Checked ``[track]`` settings.
+    observed : list of ndarray (bool), optional
+        Where each visit observed the tissue: the noise of a subtraction is estimated
+        where both visits did.
 
     Returns
     -------
@@ -289,6 +292,7 @@ def rescue_missed(masks, lesion_z, flair, brain: np.ndarray, spacing, c: dict) -
         return out
     box = ndi.find_objects(brain.astype(np.uint8))[0]          # work inside the brain's box
     brain = brain[box]
+    observed = None if observed is None else [np.asarray(o)[box] for o in observed]
     masks = [m[box] for m in masks]
     lesion_z = [None if z is None else np.asarray(z)[box] for z in lesion_z]
     flair = None if flair is None else [None if f is None else np.asarray(f)[box] for f in flair]
@@ -317,7 +321,8 @@ def rescue_missed(masks, lesion_z, flair, brain: np.ndarray, spacing, c: dict) -
         if only_next.any():
             newer = np.ones(k + 1, bool)                 # without the images: not rescued
             if flair is not None and flair[t] is not None and flair[t + 1] is not None:
-                ev = DifferenceEvidence(flair[t], flair[t + 1], brain, masks[t] | after, spacing,
+                seen = brain if observed is None else brain & observed[t] & observed[t + 1]
+                ev = DifferenceEvidence(flair[t], flair[t + 1], seen, masks[t] | after, spacing,
                                         c["background_mm"])
                 z, eff = ev.scores(lab, k)
                 newer = (np.nan_to_num(z) >= c["min_intensity_z"]) & \

@@ -13,10 +13,12 @@ import os
 import platform
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy import ndimage as ndi
 
 from . import __version__, bids, sitk_bridge
 from ._io import write_json, write_tsv
@@ -270,6 +272,12 @@ def run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None, prog
     aligned = {sid: {} for sid in sids}
     for (sid, mod, _, _), arr in zip(jobs, parallel_map(resample_one, jobs)):
         aligned[sid][mod] = arr
+    # each image's field of view on the grid (bit-packed), for the across-visit means and
+    # for what every visit observed (a visit whose slab misses part of the brain)
+    fovs = {}
+    for (sid, mod, _, _), fov in zip(jobs, parallel_map(lambda j: _field_of_view(
+            j[2], grid, al.transforms[j[0]]["dwi" if j[1] in dwimaps[j[0]] else j[1]]), jobs)):
+        fovs[sid, mod] = fov
     del jobs
     ext_aligned = {sid: sitk_bridge.resample(m, grid, al.transforms[sid][_ref(native[sid])]).data > 0
                    for sid, m in ext_masks.items()}
@@ -286,11 +294,18 @@ def run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None, prog
     t0 = time.perf_counter()
     means = {}
     for mod in ("FLAIR", "T2w", "T1w", "ceT1w", "b1000", "ADC"):
-        arrs = [aligned[s][mod] for s in sids if mod in aligned[s]]
-        if arrs:
-            means[mod] = grid.with_data(np.mean(arrs, axis=0, dtype=np.float32))
+        have = [s for s in sids if mod in aligned[s]]
+        if have:   # each voxel the mean of the visits whose field of view holds it
+            means[mod] = grid.with_data(_fov_mean([aligned[s][mod] for s in have],
+                                                  [fovs[s, mod] for s in have], grid.shape))
     priors = preprocess.prepare_subject(means, cfg["preprocess"])
     del means
+    observed = _observed(sids, aligned, fovs, grid.shape, priors.brain_mask)
+    del fovs
+    for sid, frac in observed.missed.items():
+        log.warning("sub-%s %s: the field of view of its %s misses %.2g %% of the brain; lesions "
+                    "there are carried from the nearest visit that observed them", subject, sid,
+                    observed.contrasts[sid], 100 * frac)
     pre = {}
     for sid in sids:  # free each session's raw resampled arrays as soon as they are preprocessed
         pre[sid] = preprocess.preprocess_session(aligned.pop(sid), priors, spacing, cfg["preprocess"])
@@ -364,7 +379,8 @@ def run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None, prog
     # with FLAIR, the acquired T2w (never an imputed one) confirms each lesion's volume change
     t2w = [pre[sid].get("T2w") for sid in sids] if change_mod == "FLAIR" else None
     tr = track.track_lesions([m.lesion for m in masks], spacing, cfg["track"], flair=flair,
-                             brain_mask=priors.brain_mask, lesion_z=lesion_z, t2w=t2w)
+                             brain_mask=priors.brain_mask, lesion_z=lesion_z, t2w=t2w,
+                             observed=observed.maps)
     del lesion_z
     # the tracked lesions are the final lesion masks (the tracker may add lesion voxels that the
     # image evidence confirms); the sub-masks stay inside them
@@ -373,7 +389,7 @@ def run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None, prog
         m.restricted &= m.lesion
         m.blackhole &= m.lesion
         m.enhancing &= m.lesion
-    lesions_df = quantify.lesion_table(tr, masks, sids, grid, priors)
+    lesions_df = quantify.lesion_table(tr, masks, sids, grid, priors, observed=observed.maps)
     sessions_stats = quantify.session_table(tr, masks, sessions_df, grid, lesions_df)
     qc_df = pd.DataFrame([q.__dict__ for q in al.qc])
     timing["track_s"] = time.perf_counter() - t0
@@ -383,7 +399,8 @@ def run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None, prog
     t0 = time.perf_counter()
     try:
         outputs = _write_outputs(bids_dir, output_dir, subject, kept, native, grid, al, masks, tr,
-                                 lesions_df, sessions_stats, qc_df, priors.brain_mask, writer)
+                                 lesions_df, sessions_stats, qc_df, priors.brain_mask, writer,
+                                 observed)
     finally:
         writer.close()
     timing["write_s"] = time.perf_counter() - t0
@@ -399,6 +416,7 @@ def run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None, prog
         "config": cfg,
         "skullstripped": bool(getattr(priors, "skullstripped", False)),
         "template_registered_to": getattr(priors, "template_fit", {}),
+        "brain_unobserved_fraction": {sid: round(f, 4) for sid, f in observed.missed.items()},
         "flair_imputed_from": imputed,
         "t2w_imputed_from": t2w_imputed,
         "external_lesion_masks": str(lesion_mask_dir) if lesion_mask_dir else None,
@@ -463,6 +481,63 @@ class _Writer:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _field_of_view(img: Image, grid: Image, transform) -> np.ndarray:
+    """Bit-packed mask of the grid voxels whose centre maps into ``img``'s field of view
+    (nearest voxel) through ``transform``."""
+    ones = img.with_data(np.ones(img.shape[:3], np.uint8), is_label=True)
+    return np.packbits(sitk_bridge.resample(ones, grid, transform, threads=1).data > 0)
+
+
+def _unpack(bits: np.ndarray, shape) -> np.ndarray:
+    return np.unpackbits(bits, count=int(np.prod(shape))).view(bool).reshape(shape)
+
+
+def _fov_mean(arrays, fovs, shape) -> np.ndarray:
+    """Mean of the images, each voxel over the images whose field of view holds it (the
+    plain mean where every one does: a visit's slab that misses part of the head does not
+    darken the subject's mean image there)."""
+    masks = [_unpack(f, shape) for f in fovs]
+    if all(m.all() for m in masks):
+        return np.mean(arrays, axis=0, dtype=np.float32)
+    acc = np.zeros(shape, np.float32)
+    cnt = np.zeros(shape, np.float32)
+    for a, m in zip(arrays, masks):                 # loop over visits
+        acc += np.where(m, a, np.float32(0))
+        cnt += m
+    return np.where(cnt > 0, acc / np.maximum(cnt, 1), 0).astype(np.float32)
+
+
+@dataclass
+class _Observed:
+    maps: list | None       # per session: where its lesion contrasts observe (None: all of the brain)
+    missed: dict            # session -> fraction of the brain its lesion contrasts miss
+    contrasts: dict         # session -> the contrasts that define what it observes
+
+
+def _observed(sids, aligned, fovs, shape, brain) -> _Observed:
+    """Where each session observed the tissue: inside the fields of view of its lesion
+    contrasts (FLAIR, T2w), one voxel in from their edges (where interpolation mixes in the
+    outside). Sessions that observed the whole brain get None."""
+    maps, missed, contrasts = [], {}, {}
+    n_brain = max(int(np.count_nonzero(brain)), 1)
+    edge = ndi.generate_binary_structure(3, 1)
+    for sid in sids:                                 # loop over sessions
+        mods = [m for m in ("FLAIR", "T2w") if m in aligned[sid]]
+        seen = np.ones(shape, bool)
+        for m in mods:
+            seen &= _unpack(fovs[sid, m], shape)
+        if not (seen | ~brain).all():
+            seen = ndi.binary_erosion(seen, edge, border_value=1)
+        lost = np.count_nonzero(brain & ~seen) / n_brain
+        if lost > 0:
+            maps.append(seen)
+            missed[sid] = float(lost)
+            contrasts[sid] = " and ".join(mods)
+        else:
+            maps.append(None)
+    return _Observed(maps if missed else None, missed, contrasts)
+
+
 def _preproc_path(out, subject, session, mod):
     dtype, ce, suffix = _OUT_NAMES[mod]
     return bids.deriv_path(out, subject, session, dtype, ce=ce, space="individual", desc="preproc",
@@ -490,7 +565,8 @@ def _clinical_descriptions(bids_dir, subject) -> dict:
 
 
 def _write_outputs(bids_dir, output_dir, subject, sessions, native, grid, al, masks, tr,
-                   lesions_df, sessions_stats, qc_df, brain_mask, writer: _Writer) -> list[str]:
+                   lesions_df, sessions_stats, qc_df, brain_mask, writer: _Writer,
+                   observed=None) -> list[str]:
     from . import quantify
 
     out = Path(output_dir)
@@ -519,6 +595,10 @@ def _write_outputs(bids_dir, output_dir, subject, sessions, native, grid, al, ma
                            ("blackhole", m.blackhole), ("enhancing", m.enhancing)):
             save(grid.with_data(arr.astype(np.uint8), is_label=True),
                  bids.deriv_path(out, subject, ses, "anat", space="individual", label=label, suffix="mask"))
+        if observed is not None and sid in observed.missed:   # a visit that missed part of the brain
+            save(grid.with_data(observed.maps[i].astype(np.uint8), is_label=True),
+                 bids.deriv_path(out, subject, ses, "anat", space="individual", desc="observed",
+                                 suffix="mask"))
         lab = grid.with_data(tr.labels[i].astype(np.int32, copy=False), is_label=True)
         save(lab, bids.deriv_path(out, subject, ses, "anat", space="individual", desc="lesions", suffix="dseg"))
         # native space (the session reference's grid)

@@ -47,6 +47,14 @@ LESION_COLUMNS = {
                                    "(empty otherwise)", "Units": "n/a"},
     "split_from": {"Description": "lesion_id of the lesion this one came out of at this "
                                   "session (empty otherwise)", "Units": "n/a"},
+    "observed_fraction": {"Description": "Share of the lesion's voxels at this session that "
+                                         "lie inside the session's field of view (its FLAIR and "
+                                         "T2w): 1 when fully observed; below 1 the rest, and its "
+                                         "volume, is carried from the nearest session that "
+                                         "observed it (restricted, black-hole and enhancing "
+                                         "volumes count the observed part only; n/a when none "
+                                         "of it was observed, or when the volume is 0)",
+                          "Units": "n/a"},
     "location": {"Description": "Location class (present when anatomical priors were "
                                 "computed): infratentorial when mostly so, else "
                                 "periventricular or juxtacortical when touching that zone, "
@@ -97,7 +105,8 @@ def _check(tracking, masks, n_ids: int, grid: Image):
                             f"{grid.shape[:3]}")
 
 
-def lesion_table(tracking, masks, session_ids, grid: Image, priors=None) -> pd.DataFrame:
+def lesion_table(tracking, masks, session_ids, grid: Image, priors=None,
+                 observed=None) -> pd.DataFrame:
     """One row per lesion per session (``desc-lesions_stats`` contract columns).
 
     Parameters
@@ -113,12 +122,17 @@ def lesion_table(tracking, masks, session_ids, grid: Image, priors=None) -> pd.D
         The individual space (affine for the centroids, voxel volume).
     priors : Priors, optional
         With a ``location`` array: adds a ``location`` column.
+    observed : list of (ndarray (bool) or None), optional
+        Per session, where it observed the tissue (None: everywhere), for the
+        ``observed_fraction`` column (see :func:`lesiontrack.track.track_lesions`).
 
     Returns
     -------
     DataFrame
     """
     session_ids = list(session_ids)
+    if observed is not None and len(observed) != len(session_ids):
+        raise QuantifyError(f"observed has {len(observed)} maps for {len(session_ids)} sessions")
     _check(tracking, masks, len(session_ids), grid)
     vv = grid.voxel_volume
     loc = None if priors is None else getattr(priors, "location", None)
@@ -132,14 +146,19 @@ def lesion_table(tracking, masks, session_ids, grid: Image, priors=None) -> pd.D
                            "session_id": session_ids[t],
                            "volume_mm3": counts[ids] * vv,
                            "status": ev["status"].to_numpy()})
+        present = counts[ids] > 0
+        seen = None if observed is None else observed[t]
+        frac = np.where(present, 1.0, np.nan)
+        if seen is not None:
+            inside = np.bincount(lab[np.asarray(seen, dtype=bool)], minlength=nmax + 1)
+            frac[present] = inside[ids[present]] / counts[ids[present]]
         for what in _MEASURES:
             if _available(masks[t], what):
                 sel = np.asarray(getattr(masks[t], what), dtype=bool)
                 per = np.bincount(lab[sel], minlength=nmax + 1) * vv
-                df[f"{what}_mm3"] = per[ids]
+                df[f"{what}_mm3"] = np.where(frac == 0, np.nan, per[ids])   # not observed: n/a
             else:
                 df[f"{what}_mm3"] = np.nan
-        present = counts[ids] > 0
         xyz = np.full((ids.size, 3), np.nan)
         if present.any():
             nz = np.nonzero(lab)                      # lesion voxels only: sparse and fast
@@ -149,6 +168,7 @@ def lesion_table(tracking, masks, session_ids, grid: Image, priors=None) -> pd.D
         df["centroid_x"], df["centroid_y"], df["centroid_z"] = xyz[:, 0], xyz[:, 1], xyz[:, 2]
         df["merged_into"] = ev["merged_into"].to_numpy()
         df["split_from"] = ev["split_from"].to_numpy()
+        df["observed_fraction"] = frac
         if loc is not None:
             df["location"] = _location(lab, np.asarray(loc), ids, nmax)
         parts.append(df)

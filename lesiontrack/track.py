@@ -40,7 +40,7 @@ from ._track_status import (ENLARGING, NEW, RESOLVED, SHRINKING, STABLE, STATUS,
                             DifferenceEvidence, agreeing_shift, boundary_shell,
                             boundary_shift_change, detectable_change, volume_status)
 
-__all__ = ["Tracking", "TrackingError", "track_lesions", "EVENT_COLUMNS"]
+__all__ = ["Tracking", "TrackingError", "track_lesions", "carry_unobserved", "EVENT_COLUMNS"]
 
 EVENT_COLUMNS = ["lesion_id", "session_index", "status", "merged_into", "split_from", "volume_mm3"]
 _KEYS = {"connectivity": int, "min_overlap_voxels": int, "min_change_mm3": float,
@@ -163,7 +163,7 @@ class _State:
 
 
 def track_lesions(lesion_masks, spacing, cfg: dict, flair=None, brain_mask=None,
-                  lesion_z=None, t2w=None) -> Tracking:
+                  lesion_z=None, t2w=None, observed=None) -> Tracking:
     """Follow every lesion through the sessions.
 
     Parameters
@@ -191,6 +191,15 @@ def track_lesions(lesion_masks, spacing, cfg: dict, flair=None, brain_mask=None,
         visits both have T2w measures each continuing lesion's volume change on the T2w
         subtraction too, and counts the change only as far as the two independent
         acquisitions agree (:func:`lesiontrack._track_status.agreeing_shift`).
+    observed : list of (ndarray (bool) or None), optional
+        Per session, where its images observe the tissue (inside the fields of view of
+        its lesion contrasts; None: everywhere). Where a session did not observe a
+        voxel, its lesion mask, images and scores there are carried from the last session
+        that did (the first later one for voxels no earlier session observed; see
+        :func:`carry_unobserved`): a lesion outside one visit's field of view is not
+        called resolved there and new at the next, and the change is measured where
+        both visits observed the tissue. The returned ``labels`` hold the carried
+        lesions, so volumes count them.
 
     Returns
     -------
@@ -202,11 +211,17 @@ def track_lesions(lesion_masks, spacing, cfg: dict, flair=None, brain_mask=None,
         t2w = None
     full_shape = masks[0].shape
     brain = None if brain_mask is None else np.asarray(brain_mask) > 0
+    observed = _check_observed(observed, len(masks), full_shape, brain)
+    if observed is not None:
+        masks = carry_unobserved(masks, observed)
+        flair, t2w, lesion_z = (carry_unobserved(a, observed) for a in (flair, t2w, lesion_z))
     detected = [None] * len(masks)
     if lesion_z is not None and brain is not None and c["rescue_missed"] and len(masks) > 1:
-        masks = rescue_missed(masks, lesion_z, flair, brain, spacing, c)
+        masks = carry_unobserved(rescue_missed(masks, lesion_z, flair, brain, spacing, c,
+                                               observed=observed), observed)
     if flair is not None and lesion_z is not None and brain is not None and c["change_fdr_q"] > 0:
-        masks, detected = _add_detected_change(masks, flair, lesion_z, brain, spacing, c)
+        masks, detected = _add_detected_change(masks, flair, lesion_z, brain, spacing, c, observed)
+        masks = carry_unobserved(masks, observed)
     # all lesion work happens in this box (holding the detected losses too)
     box = _bbox(masks + [d[1] for d in detected if d is not None])
     masks = [m[box] for m in masks]
@@ -236,7 +251,8 @@ def track_lesions(lesion_masks, spacing, cfg: dict, flair=None, brain_mask=None,
             if t2w is not None and t2w[t] is not None and t2w[t - 1] is not None:
                 pairs.append((t2w[t - 1], t2w[t]))
             # the two subtractions side by side (numpy and ndimage release the GIL)
-            evs = parallel_map(lambda p: DifferenceEvidence(p[0], p[1], brain, lesions, spacing,
+            seen = _both_observed(brain, observed, t - 1, t)
+            evs = parallel_map(lambda p: DifferenceEvidence(p[0], p[1], seen, lesions, spacing,
                                                             c["background_mm"], crop=box), pairs)
             ev, ev2 = evs[0], (evs[1] if len(evs) > 1 else None)
         det = None if detected[t] is None else tuple(a[box] for a in detected[t])
@@ -268,7 +284,65 @@ def track_lesions(lesion_masks, spacing, cfg: dict, flair=None, brain_mask=None,
                     ev_df[EVENT_COLUMNS], iv)
 
 
-def _add_detected_change(masks, flair, lesion_z, brain, spacing, c):
+def _check_observed(observed, n: int, shape, brain):
+    """The sessions' observed regions as bool arrays, each True outside the brain (no
+    lesion is carried there); None when every session observed the whole brain."""
+    if observed is None:
+        return None
+    if len(observed) != n:
+        raise TrackingError(f"observed has {len(observed)} maps for {n} lesion masks")
+    out = []
+    for i, o in enumerate(observed):
+        if o is None:
+            out.append(np.ones(shape, bool))
+            continue
+        if np.shape(o) != shape:
+            raise TrackingError(f"observed[{i}] has shape {np.shape(o)}, the masks {shape}")
+        o = np.asarray(o, dtype=bool)
+        out.append(o | ~brain if brain is not None else o)
+    return None if all(o.all() for o in out) else out
+
+
+def carry_unobserved(arrays, observed):
+    """Per session, ``arrays`` with the voxels its session did not observe taken from the
+    last earlier session that did (last observation carried forward) and, where no
+    earlier session did, from the first later one that did (next observation carried
+    backward). Sessions whose array is None are skipped; arrays of sessions that
+    observed everything are returned as they are (not copied).
+
+    Parameters
+    ----------
+    arrays : list of (ndarray or None) or None
+    observed : list of ndarray (bool) or None
+        As returned by :func:`_check_observed` (None: returned unchanged).
+    """
+    if arrays is None or observed is None:
+        return arrays
+    out = list(arrays)
+    have = [t for t, a in enumerate(out) if a is not None]
+    seen_before = None                       # voxels an earlier session observed
+    seen_by = {}
+    for k, t in enumerate(have):             # loop over sessions: forward
+        if k > 0 and not observed[t].all():
+            out[t] = np.where(observed[t], out[t], out[have[k - 1]])
+        seen_before = observed[t].copy() if seen_before is None else seen_before | observed[t]
+        seen_by[t] = None if seen_before.all() else seen_before.copy()
+    for k in range(len(have) - 2, -1, -1):   # loop over sessions: backward
+        t = have[k]
+        if seen_by[t] is not None:
+            out[t] = np.where(seen_by[t], out[t], out[have[k + 1]])
+    return out
+
+
+def _both_observed(brain, observed, t0: int, t1: int):
+    """The brain where both sessions observed the tissue (the noise region of their
+    subtraction: carried voxels do not change)."""
+    if observed is None or brain is None:
+        return brain
+    return brain & observed[t0] & observed[t1]
+
+
+def _add_detected_change(masks, flair, lesion_z, brain, spacing, c, observed=None):
     """Masks with the image-detected gains added (a lesion the segmentation missed is
     then tracked), and the detected ``(gain, loss)`` per session (None for the first
     session and where an image is missing)."""
@@ -278,10 +352,11 @@ def _add_detected_change(masks, flair, lesion_z, brain, spacing, c):
     for t in range(1, len(masks)):                   # loop over intervals
         if any(a is None for a in (flair[t - 1], flair[t], lesion_z[t - 1], lesion_z[t])):
             continue
-        ev = DifferenceEvidence(flair[t - 1], flair[t], brain, masks[t - 1] | masks[t], spacing,
+        seen = _both_observed(brain, observed, t - 1, t)
+        ev = DifferenceEvidence(flair[t - 1], flair[t], seen, masks[t - 1] | masks[t], spacing,
                                 c["background_mm"])
         gain, loss = detect_change(ev, np.asarray(lesion_z[t - 1]), np.asarray(lesion_z[t]),
-                                   brain, c["connectivity"], vv, c, f_prev=flair[t - 1],
+                                   seen, c["connectivity"], vv, c, f_prev=flair[t - 1],
                                    f_cur=flair[t], spacing=spacing, masks=(masks[t - 1], masks[t]))
         masks[t] |= gain
         detected[t] = (gain, loss)

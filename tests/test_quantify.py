@@ -63,8 +63,8 @@ def case():
 def test_lesion_table(case):
     grid, masks, tr, sessions, (a, b, c) = case
     df = lesion_table(tr, masks, sessions.session_id, grid)
-    assert list(df.columns) == LESION_CONTRACT
-    assert set(LESION_COLUMNS) == set(LESION_CONTRACT) | {"location"}
+    assert list(df.columns) == LESION_CONTRACT + ["observed_fraction"]
+    assert set(LESION_COLUMNS) == set(LESION_CONTRACT) | {"observed_fraction", "location"}
     assert all(set(v) == {"Description", "Units"} for v in LESION_COLUMNS.values())
     ia, ib = tr.labels[0][a], tr.labels[0][b]
     row = df[(df.lesion_id == ia) & (df.session_id == "ses-01")].iloc[0]
@@ -83,6 +83,28 @@ def test_lesion_table(case):
     assert res.status == "resolved" and res.volume_mm3 == 0 and np.isnan(res.centroid_x)
     assert df[df.session_id == "ses-02"].status.tolist().count("new") == 1
     assert str(df.lesion_id.dtype) == "Int64" and df.merged_into.isna().all()
+    assert (df.observed_fraction[df.volume_mm3 > 0] == 1).all()         # observed everywhere
+    assert df.observed_fraction[df.volume_mm3 == 0].isna().all()
+
+
+def test_lesion_table_observed_fraction(case):
+    """A session whose field of view misses a lesion: its share observed is reported, and
+    the sub-volumes of a lesion it did not observe at all are n/a, not 0."""
+    grid, masks, tr, sessions, (a, b, c) = case
+    seen = G[0] < 16                                  # ses-02 misses x >= 16: b whole, a not
+    df = lesion_table(tr, masks, sessions.session_id, grid, observed=[None, seen, None])
+    row = {(r.lesion_id, r.session_id): r for r in df.itertuples()}
+    ia, ib, ic = tr.labels[1][a], tr.labels[1][b], tr.labels[1][c]
+    assert row[ib, "ses-02"].observed_fraction == 0
+    assert np.isnan(row[ib, "ses-02"].restricted_mm3) and np.isnan(row[ib, "ses-02"].blackhole_mm3)
+    assert row[ia, "ses-02"].observed_fraction == 1 and row[ia, "ses-02"].blackhole_mm3 > 0
+    assert row[ic, "ses-02"].observed_fraction == 1
+    half = G[2] < 15                                   # c centred on z = 15
+    df = lesion_table(tr, masks, sessions.session_id, grid, observed=[None, half, None])
+    frac = df[(df.lesion_id == ic) & (df.session_id == "ses-02")].observed_fraction.iloc[0]
+    assert frac == pytest.approx((ball(c, 3) & half).sum() / ball(c, 3).sum())
+    with pytest.raises(QuantifyError, match="observed has 2 maps for 3 sessions"):
+        lesion_table(tr, masks, sessions.session_id, grid, observed=[None, seen])
 
 
 def test_lesion_table_location(case):
@@ -92,7 +114,7 @@ def test_lesion_table_location(case):
         location = np.where(G[0] <= 5, 1, np.where(G[1] >= 22, 3, 4)).astype(np.uint8)
 
     df = lesion_table(tr, masks, sessions.session_id, grid, priors=Priors())
-    assert list(df.columns) == LESION_CONTRACT + ["location"]
+    assert list(df.columns) == LESION_CONTRACT + ["observed_fraction", "location"]
     loc = dict(zip(zip(df.lesion_id, df.session_id), df.location))
     assert loc[(tr.labels[0][a], "ses-01")] == "periventricular"      # touching wins
     assert loc[(tr.labels[0][b], "ses-01")] == "deep white matter"    # minority infratentorial

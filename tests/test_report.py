@@ -381,3 +381,7 @@ def test_methods_say_how_visits_without_flair_were_segmented(result):
     prov = dict(result.provenance, t2w_imputed_from={"ses-03": "ses-02"})
     t = text(dataclasses.replace(result, provenance=prov))
     assert "ses-03 was segmented with a T2w imputed from ses-02" in t
+    assert "field of view" not in text(result)
+    prov = dict(result.provenance, brain_unobserved_fraction={"ses-02": 0.163})
+    t = text(dataclasses.replace(result, provenance=prov))
+    assert "The field of view of ses-02 missed 16 % of the brain" in t and "carried" in t

@@ -7,7 +7,7 @@ from hypothesis import given, settings, HealthCheck
 from hypothesis import strategies as st
 
 from lesiontrack.config import load_config
-from lesiontrack.track import EVENT_COLUMNS, TrackingError, track_lesions
+from lesiontrack.track import EVENT_COLUMNS, TrackingError, carry_unobserved, track_lesions
 from lesiontrack._track_match import label_components, match_components
 
 SHAPE = (36, 36, 36)
@@ -426,3 +426,87 @@ def test_agreeing_shift():
                             np.array([0.0, 40.0, -30.0, -20.0, 0.0]), np.array([0, 30, 5, 10, 5.0]))
     assert dv.tolist() == [0.0, 60.0, 0.0, -40.0, 0.0]
     assert sd.tolist() == [0.0, 30.0, 10.0, 20.0, 5.0]
+
+
+# ------------------------------------------------- visits that miss part of the brain
+def _three_visits_with_a_slab_missing_the_top(seed=3):
+    """Three visits of two lesions, one high up (z > 24) that the middle visit's field of
+    view (z < 22) misses; the low one grows at visit 2. FLAIR noise 0.05, lesions +0.8."""
+    rng = np.random.default_rng(seed)
+    hi, lo = (18, 18, 29), (18, 18, 10)
+    masks = [union(ball(hi, 4), ball(lo, 3)), union(ball(hi, 4), ball(lo, 3)),
+             union(ball(hi, 4), ball(lo, 5))]
+    flair = []
+    for m in masks:
+        f = (1.0 + 0.05 * rng.standard_normal(SHAPE)).astype(np.float32)
+        f[m] += 0.8
+        flair.append(f)
+    seen = GRID[2] < 22
+    masks[1] = masks[1] & seen
+    flair[1] = np.where(seen, flair[1], 0).astype(np.float32)       # outside the slab: no data
+    return masks, flair, [None, seen, None], hi, lo
+
+
+def test_a_lesion_outside_one_visits_field_of_view_is_carried_not_resolved(cfg):
+    masks, flair, observed, hi, lo = _three_visits_with_a_slab_missing_the_top()
+    brain = np.ones(SHAPE, bool)
+    tr = track_lesions(masks, (1, 1, 1), cfg, flair=flair, brain_mask=brain, observed=observed)
+    lid = id_at(tr, 0, hi)
+    assert id_at(tr, 1, hi) == lid == id_at(tr, 2, hi)
+    assert status_of(tr, lid, 1).status == "stable" and status_of(tr, lid, 2).status == "stable"
+    assert status_of(tr, lid, 1).volume_mm3 == status_of(tr, lid, 0).volume_mm3   # carried
+    assert not tr.change[1].any() and not tr.change[2][ball(hi, 5)].any()
+    assert status_of(tr, id_at(tr, 2, lo), 2).status == "enlarging"               # seen: measured
+    # the same inputs without the observed regions: the lesion resolves, then is new again
+    tr0 = track_lesions(masks, (1, 1, 1), cfg, flair=flair, brain_mask=brain)
+    assert tr0.labels[1][hi] == 0
+    assert (tr0.events[(tr0.events.session_index == 1)].status == "resolved").sum() == 1
+    assert tr0.change[1][ball(hi, 4)].all()        # drawn as lost (2) then gained (1)
+    assert (tr0.change[1][ball(hi, 3)] == 2).all() and (tr0.change[2][ball(hi, 3)] == 1).all()
+
+
+def test_a_lesion_outside_the_first_visits_field_of_view_is_not_new_later(cfg):
+    masks, flair, observed, hi, lo = _three_visits_with_a_slab_missing_the_top()
+    order = [1, 0, 2]                        # the visit with the short slab comes first
+    masks, flair, observed = ([a[k] for k in order] for a in (masks, flair, observed))
+    tr = track_lesions(masks, (1, 1, 1), cfg, flair=flair, brain_mask=np.ones(SHAPE, bool),
+                       observed=observed)
+    lid = id_at(tr, 1, hi)
+    assert id_at(tr, 0, hi) == lid            # carried back from the first visit that saw it
+    assert status_of(tr, lid, 1).status == "stable"
+    assert not tr.change[1].any()
+
+
+def test_observed_everywhere_changes_nothing(cfg):
+    masks, flair, _, _, _ = _three_visits_with_a_slab_missing_the_top()
+    brain = np.zeros(SHAPE, bool)
+    brain[2:-2, 2:-2, 2:-2] = True
+    kw = dict(flair=flair, brain_mask=brain)
+    ref = track_lesions(masks, (1, 1, 1), cfg, **kw)
+    outside_brain_only = [None, np.pad(np.ones((34, 34, 34), bool), 1), None]
+    for obs in ([None, None, None], outside_brain_only):
+        tr = track_lesions(masks, (1, 1, 1), cfg, observed=obs, **kw)
+        assert tr.events.equals(ref.events)
+        assert all((a == b).all() for a, b in zip(tr.labels, ref.labels))
+
+
+def test_carry_unobserved_forward_then_backward():
+    a = [np.full(4, v, np.float32) for v in (1, 2, 3, 4)]
+    obs = [np.array([1, 0, 0, 1], bool), np.array([1, 1, 0, 1], bool),
+           np.array([0, 0, 0, 1], bool), np.array([1, 1, 1, 1], bool)]
+    out = carry_unobserved(a, obs)
+    assert out[0].tolist() == [1, 2, 4, 1]       # voxels 1, 2 first seen at visits 1 and 3
+    assert out[1].tolist() == [2, 2, 4, 2]
+    assert out[2].tolist() == [2, 2, 4, 3]       # carried forward from visit 1
+    assert out[3] is a[3]                        # observed everywhere: untouched
+    with_gap = carry_unobserved([a[0], None, a[2], a[3]], obs)
+    assert with_gap[1] is None and with_gap[2].tolist() == [1, 4, 4, 3]
+    assert carry_unobserved(None, obs) is None and carry_unobserved(a, None) is a
+
+
+def test_observed_input_errors(cfg):
+    m = [ball((9, 9, 9), 3)] * 2
+    with pytest.raises(TrackingError, match="observed has 1 maps for 2"):
+        track_lesions(m, (1, 1, 1), cfg, observed=[None])
+    with pytest.raises(TrackingError, match=r"observed\[1\] has shape"):
+        track_lesions(m, (1, 1, 1), cfg, observed=[None, np.ones((3, 3, 3), bool)])

@@ -133,6 +133,14 @@ def methods_paragraphs(result) -> list:
         paras.append(dict(text=_imputed_text(t2w_imputed, "T2w", "FLAIR") + " (lesiontrack.segment."
                           "impute_t2w), so that every visit's lesions were scored on the same "
                           "contrasts.", settings=""))
+    unseen = prov.get("brain_unobserved_fraction") or {}
+    if unseen:
+        paras.append(dict(text="The field of view of " + "; ".join(
+            f"{ses} missed {100 * f:.2g} % of the brain" for ses, f in unseen.items())
+            + ": lesions there were carried from the nearest visit that observed them (stable, "
+            "with their last observed volume; observed_fraction in the lesions table) "
+            "instead of being called resolved and new again (lesiontrack.track."
+            "carry_unobserved).", settings=""))
     vers = prov.get("versions") or {}
     if vers:
         paras.append(dict(text="Software: " + ", ".join(f"{k} {v}" for k, v in vers.items()) + ".",
