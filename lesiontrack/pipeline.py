@@ -262,21 +262,25 @@ def run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None, prog
         # the interpolation both run in parallel; the result does not depend on it)
         sid, mod, img, name = job
         key = "dwi" if mod in dwimaps[sid] else mod
-        r = sitk_bridge.resample(img, grid, al.transforms[sid][key], interpolator=name, threads=1).data
+        # NaN outside the image: its field of view on the grid, then background (0)
+        r = sitk_bridge.resample(img.with_data(img.data.astype(np.float32, copy=False)), grid,
+                                 al.transforms[sid][key], interpolator=name, threads=1,
+                                 default=np.nan).data
+        fov = np.isfinite(r)
+        r[~fov] = 0
         # "bspline": see docs/architecture.md; its undershoot next to edges is clipped
         # (magnitudes are >= 0)
-        return r.astype(np.float32) if name == "linear" else np.maximum(r, 0, dtype=np.float32)
+        r = r.astype(np.float32, copy=False) if name == "linear" else np.maximum(r, 0, dtype=np.float32)
+        return r, np.packbits(fov)
 
     jobs = [(sid, mod, img, interp) for sid in sids for mod, img in native[sid].items() if mod != "dwi"]
     jobs += [(sid, mod, img, "linear") for sid in sids for mod, img in dwimaps[sid].items()]
     aligned = {sid: {} for sid in sids}
-    for (sid, mod, _, _), arr in zip(jobs, parallel_map(resample_one, jobs)):
-        aligned[sid][mod] = arr
-    # each image's field of view on the grid (bit-packed), for the across-visit means and
-    # for what every visit observed (a visit whose slab misses part of the brain)
+    # with each image its field of view on the grid (bit-packed), for what every visit
+    # observed (a visit whose slab misses part of the brain)
     fovs = {}
-    for (sid, mod, _, _), fov in zip(jobs, parallel_map(lambda j: _field_of_view(
-            j[2], grid, al.transforms[j[0]]["dwi" if j[1] in dwimaps[j[0]] else j[1]]), jobs)):
+    for (sid, mod, _, _), (arr, fov) in zip(jobs, parallel_map(resample_one, jobs)):
+        aligned[sid][mod] = arr
         fovs[sid, mod] = fov
     del jobs
     ext_aligned = {sid: sitk_bridge.resample(m, grid, al.transforms[sid][_ref(native[sid])]).data > 0
@@ -294,10 +298,9 @@ def run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None, prog
     t0 = time.perf_counter()
     means = {}
     for mod in ("FLAIR", "T2w", "T1w", "ceT1w", "b1000", "ADC"):
-        have = [s for s in sids if mod in aligned[s]]
-        if have:   # each voxel the mean of the visits whose field of view holds it
-            means[mod] = grid.with_data(_fov_mean([aligned[s][mod] for s in have],
-                                                  [fovs[s, mod] for s in have], grid.shape))
+        arrs = [aligned[s][mod] for s in sids if mod in aligned[s]]
+        if arrs:
+            means[mod] = grid.with_data(np.mean(arrs, axis=0, dtype=np.float32))
     priors = preprocess.prepare_subject(means, cfg["preprocess"])
     del means
     observed = _observed(sids, aligned, fovs, grid.shape, priors.brain_mask)
@@ -389,7 +392,8 @@ def run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None, prog
         m.restricted &= m.lesion
         m.blackhole &= m.lesion
         m.enhancing &= m.lesion
-    lesions_df = quantify.lesion_table(tr, masks, sids, grid, priors, observed=observed.maps)
+    lesions_df = quantify.lesion_table(tr, masks, sids, grid, priors, observed=observed.maps,
+                                       measures_observed=observed.measures)
     sessions_stats = quantify.session_table(tr, masks, sessions_df, grid, lesions_df)
     qc_df = pd.DataFrame([q.__dict__ for q in al.qc])
     timing["track_s"] = time.perf_counter() - t0
@@ -427,7 +431,7 @@ def run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None, prog
         change=tr.change, restricted=[m.restricted for m in masks],
         blackhole=[m.blackhole for m in masks], enhancing=[m.enhancing for m in masks],
         brain_mask=priors.brain_mask, sessions=sessions_stats, lesions=lesions_df, qc=qc_df,
-        config=cfg, provenance=provenance)
+        config=cfg, provenance=provenance, observed=observed.maps)
 
     # 8. report ---------------------------------------------------------------------
     if write_report:
@@ -481,30 +485,13 @@ class _Writer:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _field_of_view(img: Image, grid: Image, transform) -> np.ndarray:
-    """Bit-packed mask of the grid voxels whose centre maps into ``img``'s field of view
-    (nearest voxel) through ``transform``."""
-    ones = img.with_data(np.ones(img.shape[:3], np.uint8), is_label=True)
-    return np.packbits(sitk_bridge.resample(ones, grid, transform, threads=1).data > 0)
-
-
 def _unpack(bits: np.ndarray, shape) -> np.ndarray:
     return np.unpackbits(bits, count=int(np.prod(shape))).view(bool).reshape(shape)
 
 
-def _fov_mean(arrays, fovs, shape) -> np.ndarray:
-    """Mean of the images, each voxel over the images whose field of view holds it (the
-    plain mean where every one does: a visit's slab that misses part of the head does not
-    darken the subject's mean image there)."""
-    masks = [_unpack(f, shape) for f in fovs]
-    if all(m.all() for m in masks):
-        return np.mean(arrays, axis=0, dtype=np.float32)
-    acc = np.zeros(shape, np.float32)
-    cnt = np.zeros(shape, np.float32)
-    for a, m in zip(arrays, masks):                 # loop over visits
-        acc += np.where(m, a, np.float32(0))
-        cnt += m
-    return np.where(cnt > 0, acc / np.maximum(cnt, 1), 0).astype(np.float32)
+# the contrasts each lesion measure is read from (a lesion outside their view: n/a)
+_MEASURE_CONTRASTS = {"restricted": ("b1000", "ADC"), "blackhole": ("T1w",),
+                      "enhancing": ("ceT1w", "T1w")}
 
 
 @dataclass
@@ -512,22 +499,35 @@ class _Observed:
     maps: list | None       # per session: where its lesion contrasts observe (None: all of the brain)
     missed: dict            # session -> fraction of the brain its lesion contrasts miss
     contrasts: dict         # session -> the contrasts that define what it observes
+    measures: list | None   # per session: {measure: where its contrasts observe} for those
+                            #   that miss part of the brain (None: no such measure)
 
 
 def _observed(sids, aligned, fovs, shape, brain) -> _Observed:
     """Where each session observed the tissue: inside the fields of view of its lesion
     contrasts (FLAIR, T2w), one voxel in from their edges (where interpolation mixes in the
     outside). Sessions that observed the whole brain get None."""
-    maps, missed, contrasts = [], {}, {}
+    maps, missed, contrasts, measures = [], {}, {}, []
     n_brain = max(int(np.count_nonzero(brain)), 1)
     edge = ndi.generate_binary_structure(3, 1)
-    for sid in sids:                                 # loop over sessions
-        mods = [m for m in ("FLAIR", "T2w") if m in aligned[sid]]
+
+    def view(sid, mods):
         seen = np.ones(shape, bool)
         for m in mods:
             seen &= _unpack(fovs[sid, m], shape)
-        if not (seen | ~brain).all():
-            seen = ndi.binary_erosion(seen, edge, border_value=1)
+        return None if (seen | ~brain).all() else ndi.binary_erosion(seen, edge, border_value=1)
+
+    for sid in sids:                                 # loop over sessions
+        meas = {}
+        for what, need in _MEASURE_CONTRASTS.items():
+            have = [m for m in need if m in aligned[sid]]
+            if have and (v := view(sid, have)) is not None:
+                meas[what] = v
+        measures.append(meas or None)
+        mods = [m for m in ("FLAIR", "T2w") if m in aligned[sid]]
+        seen = view(sid, mods)
+        if seen is None:
+            seen = np.ones(shape, bool)
         lost = np.count_nonzero(brain & ~seen) / n_brain
         if lost > 0:
             maps.append(seen)
@@ -535,7 +535,8 @@ def _observed(sids, aligned, fovs, shape, brain) -> _Observed:
             contrasts[sid] = " and ".join(mods)
         else:
             maps.append(None)
-    return _Observed(maps if missed else None, missed, contrasts)
+    return _Observed(maps if missed else None, missed, contrasts,
+                     measures if any(m is not None for m in measures) else None)
 
 
 def _preproc_path(out, subject, session, mod):

@@ -33,11 +33,14 @@ LESION_COLUMNS = {
                               "previous session, by the rules of docs/tracking.md",
                "Units": "n/a"},
     "restricted_mm3": {"Description": "Volume of the lesion with restricted diffusion (n/a "
-                                      "without DWI at this session)", "Units": "mm^3"},
+                                      "without DWI at this session, or when the lesion lies "
+                                      "wholly outside its field of view)", "Units": "mm^3"},
     "blackhole_mm3": {"Description": "Volume of the lesion that is a T1 black hole (n/a "
-                                     "without T1w at this session)", "Units": "mm^3"},
+                                     "without T1w at this session, or when the lesion lies "
+                                     "wholly outside its field of view)", "Units": "mm^3"},
     "enhancing_mm3": {"Description": "Volume of the lesion enhancing after gadolinium (n/a "
-                                     "without contrast-enhanced T1w at this session)",
+                                     "without contrast-enhanced T1w at this session, or when "
+                                     "the lesion lies wholly outside its field of view)",
                       "Units": "mm^3"},
     "centroid_x": {"Description": "Lesion centre of mass, x (RAS world coordinate of the "
                                   "individual space; n/a when the volume is 0)", "Units": "mm"},
@@ -106,7 +109,7 @@ def _check(tracking, masks, n_ids: int, grid: Image):
 
 
 def lesion_table(tracking, masks, session_ids, grid: Image, priors=None,
-                 observed=None) -> pd.DataFrame:
+                 observed=None, measures_observed=None) -> pd.DataFrame:
     """One row per lesion per session (``desc-lesions_stats`` contract columns).
 
     Parameters
@@ -125,14 +128,19 @@ def lesion_table(tracking, masks, session_ids, grid: Image, priors=None,
     observed : list of (ndarray (bool) or None), optional
         Per session, where it observed the tissue (None: everywhere), for the
         ``observed_fraction`` column (see :func:`lesiontrack.track.track_lesions`).
+    measures_observed : list of (dict or None), optional
+        Per session, for a measure (``restricted``, ``blackhole``, ``enhancing``) whose
+        contrast's field of view missed part of the brain, where it observed: a lesion
+        wholly outside it has that volume n/a (NaN), not 0.
 
     Returns
     -------
     DataFrame
     """
     session_ids = list(session_ids)
-    if observed is not None and len(observed) != len(session_ids):
-        raise QuantifyError(f"observed has {len(observed)} maps for {len(session_ids)} sessions")
+    for name, arg in (("observed", observed), ("measures_observed", measures_observed)):
+        if arg is not None and len(arg) != len(session_ids):
+            raise QuantifyError(f"{name} has {len(arg)} maps for {len(session_ids)} sessions")
     _check(tracking, masks, len(session_ids), grid)
     vv = grid.voxel_volume
     loc = None if priors is None else getattr(priors, "location", None)
@@ -152,11 +160,16 @@ def lesion_table(tracking, masks, session_ids, grid: Image, priors=None,
         if seen is not None:
             inside = np.bincount(lab[np.asarray(seen, dtype=bool)], minlength=nmax + 1)
             frac[present] = inside[ids[present]] / counts[ids[present]]
+        fov = (measures_observed[t] if measures_observed is not None else None) or {}
         for what in _MEASURES:
             if _available(masks[t], what):
                 sel = np.asarray(getattr(masks[t], what), dtype=bool)
                 per = np.bincount(lab[sel], minlength=nmax + 1) * vv
-                df[f"{what}_mm3"] = np.where(frac == 0, np.nan, per[ids])   # not observed: n/a
+                unseen = frac == 0                               # not observed: n/a
+                if fov.get(what) is not None:                    # outside that contrast's view
+                    inside = np.bincount(lab[np.asarray(fov[what], dtype=bool)], minlength=nmax + 1)
+                    unseen |= present & (inside[ids] == 0)
+                df[f"{what}_mm3"] = np.where(unseen, np.nan, per[ids])
             else:
                 df[f"{what}_mm3"] = np.nan
         xyz = np.full((ids.size, 3), np.nan)

@@ -44,6 +44,9 @@ class SubjectResult:
         The resolved pipeline configuration.
     provenance : dict
         Versions, seeds, timing.
+    observed : list of (ndarray (bool) or None) or None
+        Per session, where its FLAIR/T2w observed the tissue (None: everywhere); lesions
+        outside it are carried from the nearest visit that observed them.
     """
 
     subject: str
@@ -61,3 +64,4 @@ class SubjectResult:
     qc: pd.DataFrame
     config: dict = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
+    observed: list | None = None

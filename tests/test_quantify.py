@@ -105,6 +105,15 @@ def test_lesion_table_observed_fraction(case):
     assert frac == pytest.approx((ball(c, 3) & half).sum() / ball(c, 3).sum())
     with pytest.raises(QuantifyError, match="observed has 2 maps for 3 sessions"):
         lesion_table(tr, masks, sessions.session_id, grid, observed=[None, seen])
+    # the T1w of ses-02 misses a (x < 14), which the FLAIR saw: its black-hole volume is n/a,
+    # the other lesions' are measured
+    df = lesion_table(tr, masks, sessions.session_id, grid,
+                      measures_observed=[None, {"blackhole": G[0] >= 14}, None])
+    row = {(r.lesion_id, r.session_id): r for r in df.itertuples()}
+    assert np.isnan(row[ia, "ses-02"].blackhole_mm3) and row[ia, "ses-02"].observed_fraction == 1
+    assert row[ia, "ses-02"].restricted_mm3 == 0 and row[ib, "ses-02"].blackhole_mm3 == 0
+    with pytest.raises(QuantifyError, match="measures_observed has 1 maps"):
+        lesion_table(tr, masks, sessions.session_id, grid, measures_observed=[None])
 
 
 def test_lesion_table_location(case):

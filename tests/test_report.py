@@ -93,6 +93,30 @@ def test_evolution_grid_absent_contrasts(cfg):
     assert any("not" in t and "acquired" in t for t in texts)
 
 
+def test_evolution_grid_veils_what_a_visit_did_not_observe(cfg):
+    """A visit whose field of view missed part of the brain: that part is veiled in its
+    panels (its lesions there are carried) and the legend says so; other visits are not."""
+    import dataclasses
+
+    from lesiontrack.report._evolution import _UNSEEN_RGBA
+
+    r = make_result(contrasts=("FLAIR",))
+    seen = np.ones(r.brain_mask.shape, bool)
+    seen[:, : seen.shape[1] // 2] = False             # ses-03 missed half of every slice
+    r = dataclasses.replace(r, observed=[None, None, seen, None, None])
+    ev = evolution_figure(r, slices=[18], cfg=cfg)
+
+    def veils(ax):
+        return [im for im in ax.get_images() if im.get_array().ndim == 3
+                and np.allclose(im.get_array()[..., :3].max(axis=(0, 1)), _UNSEEN_RGBA[:3])]
+
+    assert len(veils(ev.axes[0, 2])) == 1 and not veils(ev.axes[0, 1])
+    legend = [t.get_text() for t in ev.figure.legends[0].get_texts()]
+    assert "outside the visit's view (carried)" in legend
+    plain = evolution_figure(make_result(contrasts=("FLAIR",)), slices=[18], cfg=cfg)
+    assert "outside the visit's view (carried)" not in [t.get_text() for t in plain.figure.legends[0].get_texts()]
+
+
 def test_outline_colours_follow_status(result, cfg):
     codes = {s: i + 1 for i, s in enumerate(STATUSES)}
     lut = status_maps(result, 1)  # ses-02: lesion 2 new, 1 stable, 3 shrinking
@@ -320,6 +344,15 @@ def test_load_result_round_trip(result, tmp_path, fast):
     assert dice > 0.95
     html = build_report(back, tmp_path, fast).read_text()
     assert "&lt;script&gt;" in html and "ADC" in html
+    assert back.observed is None                       # every visit observed everything
+    seen = result.brain_mask.copy()
+    seen[:, :10] = False
+    save_image(result.grid.with_data(seen.astype(np.uint8), is_label=True),
+               deriv_path(tmp_path, "01", "ses-04", "anat", space="individual", desc="observed",
+                          suffix="mask"))
+    back = load_result(tmp_path, "sub-01")
+    assert [o is None for o in back.observed] == [True, True, True, False, True]
+    np.testing.assert_array_equal(back.observed[3], seen)
 
 
 def test_load_result_errors(tmp_path):

@@ -154,6 +154,9 @@ def choose_slices(result: SubjectResult, n: int | None = None, cfg=None) -> list
     return sorted(picks, key=lambda k: view.z_mm(k, result.grid.shape))
 
 
+_UNSEEN_RGBA = (0.35, 0.45, 0.75, 0.45)   # veil over brain a visit did not observe
+
+
 def _outline(ax, codes: np.ndarray, rgba: list):
     """Outline every status region of a status-coded slice: one LineCollection per panel.
 
@@ -276,12 +279,17 @@ def evolution_figure(result: SubjectResult, slices=None, cfg=None) -> EvolutionF
         lo, hi = np.percentile(vals, cfg["window_percentiles"]) if vals.size else (0.0, 1.0)
         windows[m] = (float(lo), float(hi if hi > lo else lo + 1.0))
 
+    # brain a visit did not observe (its lesions there are carried from another visit)
+    unseen = [None if o is None else result.brain_mask & ~o
+              for o in (result.observed or [None] * n_ses)]
     status_rgba = [to_rgba(cfg["status_colors"][s]) for s in STATUSES]
     outline_rgba = [(0, 0, 0, 0)] + status_rgba + [to_rgba("white")]  # by status code
     shown = {_MARKER_ROW[m] for m in contrasts if m in _MARKER_ROW}
     handles = [Line2D([], [], color=status_rgba[i], lw=1.5, label=s) for i, s in enumerate(STATUSES[:4])]
     handles += [Patch(color=cfg["marker_colors"][k], alpha=min(1.0, float(cfg["marker_alpha"]) + 0.2),
                       label=_MARKER_LABEL[k]) for k in ("restricted", "blackhole", "enhancing") if k in shown]
+    if any(u is not None and u.any() for u in unseen):
+        handles.append(Patch(color=_UNSEEN_RGBA, label="outside the visit's view (carried)"))
 
     h_px, w_px = next(iter(brain2d.values())).shape
     panel_w = float(cfg["panel_inches"])
@@ -313,6 +321,12 @@ def evolution_figure(result: SubjectResult, slices=None, cfg=None) -> EvolutionF
                         fill = np.zeros(mk.shape + (4,), np.float32)
                         fill[mk] = to_rgba(cfg["marker_colors"][marker], float(cfg["marker_alpha"]))
                 _panel(ax, grey, (h_px, w_px), windows[m], aspect, fill)
+                if unseen[c] is not None:    # outside the visit's field of view: veiled
+                    off = view.slice(unseen[c], k)[box]
+                    if off.any():
+                        veil = np.zeros(off.shape + (4,), np.float32)
+                        veil[off] = _UNSEEN_RGBA
+                        ax.imshow(veil, aspect=aspect, interpolation="nearest")
                 _outline(ax, luts[c][lab2d[c]], outline_rgba)
                 if c == 0:
                     ax.set_ylabel(f"{m}\nz {view.z_mm(k, shape):+.0f} mm", fontsize=8)

@@ -59,7 +59,8 @@ def load_result(output_dir, subject) -> SubjectResult:
     Reads the sessions / lesions / registration-QC tables, ``sub-<s>_provenance.json``
     (its ``config`` entry is the configuration, the rest the provenance), and per
     session the space-individual preprocessed images, lesion-ID and change maps and
-    the restricted / black-hole / enhancing masks (absent masks are all-False). The
+    the restricted / black-hole / enhancing masks (absent masks are all-False) and the
+    ``desc-observed_mask`` of a visit that did not observe the whole brain. The
     brain mask is ``sub-<s>/anat/sub-<s>_space-individual_desc-brain_mask.nii.gz`` when
     present, else the Otsu foreground of the mean reference image.
 
@@ -87,6 +88,7 @@ def load_result(output_dir, subject) -> SubjectResult:
 
     sids = [str(s) for s in sessions["session_id"]]
     images, labels, change, masks, grid = {}, [], [], {m: [] for m in _MASKS}, None
+    observed = []
     for sid in sids:  # loop over sessions
         images[sid] = {}
         for mod, candidates in _PREPROC.items():
@@ -110,6 +112,9 @@ def load_result(output_dir, subject) -> SubjectResult:
             p = deriv_path(out, sub, sid, "anat", space="individual", label=m, suffix="mask")
             masks[m].append(load_image(p, is_label=True, allow_constant=True).data > 0 if p.exists()
                             else np.zeros(grid.shape[:3], dtype=bool))
+        p = deriv_path(out, sub, sid, "anat", space="individual", desc="observed", suffix="mask")
+        observed.append(load_image(p, is_label=True, allow_constant=True).data > 0 if p.exists()
+                        else None)
         for mod, img in images[sid].items():
             img.check_same_grid(grid, f"sub-{sub} {sid} {mod} and the lesion map")
     refs = [next(images[s][m].data for m in ("FLAIR", "T2w") if m in images[s])
@@ -121,4 +126,5 @@ def load_result(output_dir, subject) -> SubjectResult:
     return SubjectResult(subject=sub, session_ids=sids, grid=grid_img, images=images, labels=labels,
                          change=change, restricted=masks["restricted"], blackhole=masks["blackhole"],
                          enhancing=masks["enhancing"], brain_mask=brain, sessions=sessions,
-                         lesions=lesions, qc=qc, config=config, provenance=provenance)
+                         lesions=lesions, qc=qc, config=config, provenance=provenance,
+                         observed=observed if any(o is not None for o in observed) else None)
