@@ -394,7 +394,8 @@ def run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None, prog
         m.enhancing &= m.lesion
     lesions_df = quantify.lesion_table(tr, masks, sids, grid, priors, observed=observed.maps,
                                        measures_observed=observed.measures)
-    sessions_stats = quantify.session_table(tr, masks, sessions_df, grid, lesions_df)
+    sessions_stats = quantify.session_table(tr, masks, sessions_df, grid, lesions_df,
+                                            [1.0 - observed.missed.get(s, 0.0) for s in sids])
     qc_df = pd.DataFrame([q.__dict__ for q in al.qc])
     timing["track_s"] = time.perf_counter() - t0
 

@@ -86,6 +86,11 @@ SESSION_COLUMNS = {
                             "at this session: no new or enlarging T2 lesion and no enhancing "
                             "lesion (empty for the first session, or when enhancement is "
                             "unknown)", "Units": "n/a"},
+    "brain_observed_fraction": {"Description": "Share of the brain inside this session's "
+                                               "FLAIR/T2w field of view; lesions in the rest "
+                                               "are carried from the nearest session that "
+                                               "observed them (see observed_fraction in the "
+                                               "lesions table)", "Units": "n/a"},
 }
 
 
@@ -213,8 +218,9 @@ def _location(lab, loc, ids, nmax) -> np.ndarray:
 
 
 def session_table(tracking, masks, sessions_df: pd.DataFrame, grid: Image,
-                  lesion_df: pd.DataFrame) -> pd.DataFrame:
-    """One row per session (``desc-sessions_stats`` contract columns, ``neda``, clinical).
+                  lesion_df: pd.DataFrame, brain_observed=None) -> pd.DataFrame:
+    """One row per session (``desc-sessions_stats`` contract columns, ``neda``,
+    ``brain_observed_fraction``, clinical).
 
     Parameters
     ----------
@@ -226,6 +232,8 @@ def session_table(tracking, masks, sessions_df: pd.DataFrame, grid: Image,
     grid : Image
     lesion_df : DataFrame
         The result of :func:`lesion_table`.
+    brain_observed : sequence of float, optional
+        Per session, the share of the brain its FLAIR/T2w observed (default: all of it).
 
     Returns
     -------
@@ -263,6 +271,10 @@ def session_table(tracking, masks, sessions_df: pd.DataFrame, grid: Image,
     neda[out["enhancing_count"].isna() & ~active] = pd.NA
     neda.iloc[0] = pd.NA
     out["neda"] = neda.astype("boolean")
+    if brain_observed is not None and len(brain_observed) != len(sids):
+        raise QuantifyError(f"brain_observed has {len(brain_observed)} values for {len(sids)} sessions")
+    out["brain_observed_fraction"] = (np.ones(len(sids)) if brain_observed is None
+                                      else np.asarray(brain_observed, dtype=np.float64))
     extra = [c for c in sessions_df.columns if c not in out.columns]
     return pd.concat([out, sessions_df[extra]], axis=1)
 

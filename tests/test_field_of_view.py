@@ -61,6 +61,9 @@ def test_lesions_outside_a_visits_field_of_view_are_carried(cut_run):
     assert list(missed) == ["ses-03"] and 0.08 < missed["ses-03"] < 0.3
     masks = sorted(p.name for p in sub.glob("ses-*/anat/*desc-observed_mask.nii.gz"))
     assert masks == ["sub-01_ses-03_space-individual_desc-observed_mask.nii.gz"]
+    ses = pd.read_csv(sub / "sub-01_desc-sessions_stats.tsv", sep="\t").set_index("session_id")
+    assert ses.brain_observed_fraction.drop("ses-03").eq(1).all()
+    assert ses.brain_observed_fraction["ses-03"] == pytest.approx(1 - missed["ses-03"], abs=1e-3)
     les = pd.read_csv(sub / "sub-01_desc-lesions_stats.tsv", sep="\t")
     unseen = les[(les.session_id == "ses-03") & (les.observed_fraction == 0)]
     assert len(unseen) >= 1                 # lesions lie above the cut

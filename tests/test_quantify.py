@@ -135,8 +135,13 @@ def test_session_table(case):
     grid, masks, tr, sessions, (a, b, c) = case
     les = lesion_table(tr, masks, sessions.session_id, grid)
     df = session_table(tr, masks, sessions, grid, les)
-    assert list(df.columns) == SESSION_CONTRACT + ["neda", "edss", "event"]
-    assert set(SESSION_COLUMNS) == set(SESSION_CONTRACT + ["neda"])
+    assert list(df.columns) == SESSION_CONTRACT + ["neda", "brain_observed_fraction", "edss", "event"]
+    assert set(SESSION_COLUMNS) == set(SESSION_CONTRACT + ["neda", "brain_observed_fraction"])
+    assert (df.brain_observed_fraction == 1).all()
+    part = session_table(tr, masks, sessions, grid, les, brain_observed=[1.0, 0.85, 1.0])
+    assert part.brain_observed_fraction.tolist() == [1.0, 0.85, 1.0]
+    with pytest.raises(QuantifyError, match="brain_observed has 2 values for 3 sessions"):
+        session_table(tr, masks, sessions, grid, les, brain_observed=[1.0, 1.0])
     assert df.lesion_count.tolist() == [2, 3, 2]
     assert df.lesion_volume_mm3.iloc[1] == pytest.approx(masks[1].lesion.sum() * 2.0)
     assert df.new_count.tolist()[1:] == [1, 0]
