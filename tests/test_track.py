@@ -504,6 +504,15 @@ def test_carry_unobserved_forward_then_backward():
     assert carry_unobserved(None, obs) is None and carry_unobserved(a, None) is a
 
 
+def test_one_visit_with_a_short_slab(cfg):
+    """A single visit: nothing to carry from; its lesions are what it observed."""
+    masks, flair, observed, hi, lo = _three_visits_with_a_slab_missing_the_top()
+    tr = track_lesions(masks[1:2], (1, 1, 1), cfg, flair=flair[1:2],
+                       brain_mask=np.ones(SHAPE, bool), observed=observed[1:2])
+    assert tr.labels[0][hi] == 0 and tr.labels[0][lo] > 0 and tr.change == [None]
+    assert len(tr.events) == 1
+
+
 def test_observed_input_errors(cfg):
     m = [ball((9, 9, 9), 3)] * 2
     with pytest.raises(TrackingError, match="observed has 1 maps for 2"):
