@@ -535,3 +535,37 @@ def test_lesion_core_must_be_brighter_than_grey_matter(with_t1):
     a = segment.segment_session(no_flair, priors, SP, cfg).lesion
     b = segment.segment_session(no_flair, priors, SP, dict(cfg, core_above_gm_z=0)).lesion
     assert np.array_equal(a, b)
+
+
+def test_a_lesion_must_stand_out_from_the_tissue_around_it():
+    """FLAIR alone: a broad swell of normal grey matter brighter than the grey-matter peak
+    (deep or thick grey matter against a cortex peak lowered by partial volume) passes the
+    lesion score and the core rule, but it fades into the grey matter around it; with
+    ``local_contrast_z`` (default 2.5) it is no lesion. Two lesions, one in white and one
+    in grey matter, step up from their surroundings and stay."""
+    from lesiontrack.preprocess import Priors
+
+    rng = np.random.default_rng(7)
+    shape = (40, 40, 40)
+    wm, gm = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+    wm[:, :20], gm[:, 20:] = 1.0, 0.9
+    flair = rng.normal(1.0, 0.03, shape).astype(np.float32)
+    g = np.ogrid[:40, :40, :40]
+    swell = np.exp(-((g[0] - 20) ** 2 + (g[1] - 31) ** 2 + (g[2] - 20) ** 2) / 50.0).astype(np.float32)
+    flair[:, 20:] += 0.12 + 0.13 * swell[:, 20:]
+    lesion = np.zeros(shape, bool)
+    lesion[8:14, 6:12, 8:14] = True
+    lesion[28:33, 26:31, 30:35] = True
+    flair[lesion] = rng.normal(1.40, 0.03, int(lesion.sum()))
+    z0 = np.zeros(shape, np.float32)
+    priors = Priors(np.ones(shape, bool), wm, gm, z0, z0.astype(np.uint8), True)
+    cfg = CFG["segment"]
+    assert cfg["local_contrast_z"] == 2.5
+    on = segment.segment_session({"FLAIR": flair}, priors, SP, cfg).lesion
+    off = segment.segment_session({"FLAIR": flair}, priors, SP, dict(cfg, local_contrast_z=0)).lesion
+    swollen = swell > 0.5
+    assert off[swollen].mean() > 0.3                     # without the rule: found as a lesion
+    assert not on[swollen].any()
+    assert on[lesion].all() and dice(lesion, on) > 0.95
+    with pytest.raises(segment.SegmentError, match="local_contrast_z"):
+        segment.segment_session({"FLAIR": flair}, priors, SP, dict(cfg, local_contrast_z=-1))
