@@ -19,7 +19,10 @@ lesions nor atlas misregistration move.
    :func:`_t2w_wm_only`): the cerebellar cortex is nearly as T2w-bright as a lesion
    partial-volumed with it, not as FLAIR-bright. The contrasts are combined
    by the geometric mean of their z-scores, so a voxel must be abnormal on both
-   (CSF is bright on T2w but dark on FLAIR). Lesions grow by hysteresis from
+   (CSF is bright on T2w but dark on FLAIR). With ``flair_confirmed_by_t2w``, lesions
+   found on FLAIR without T2w that this misses are kept where their FLAIR core is
+   T2w-bright on average (mean T2w z at least ``grow_z``): small lesions whose T2w
+   contrast is weaker voxel by voxel (an option, off by default: docs/accuracy.md). Lesions grow by hysteresis from
    confident seeds (``seed_z``) through connected voxels above ``grow_z``; each
    lesion's edge lies at ``boundary_fraction`` of its own core score (the
    partial-volume midpoint). T1w does not decide whether a lesion exists (most MS
@@ -34,12 +37,13 @@ lesions nor atlas misregistration move.
    than grey matter, and a lesion is FLAIR-bright against both tissues (warped-anatomy
    phantoms' precision 0.31-0.45 -> 0.69-0.87). Components below ``min_lesion_mm3`` and components whose border
    is mostly CSF or outside the brain (sulcal partial-volume artefacts,
-   ``max_csf_border``) are dropped. With FLAIR, a lesion is a focal hyperintensity: its
-   mean FLAIR must exceed the mean FLAIR of the tissue it touches (CSF-like voxels
-   excluded) by ``local_contrast_z`` NAWM half-widths, the growth level. Deep and thick
-   grey matter, brighter than a grey-matter peak lowered by the cortex's partial volume,
-   passes the score and the core rule but fades into the grey matter around it (FLAIR
-   alone: 1 mm phantom's lesion-wise precision 0.445 -> 0.831, recall 1.00 kept).
+   ``max_csf_border``) are dropped. With FLAIR but no T2w, a lesion must also be a focal
+   hyperintensity: its mean FLAIR must exceed the mean FLAIR of the tissue it touches
+   (CSF-like voxels excluded) by ``local_contrast_z`` NAWM half-widths, the growth level.
+   Deep and thick grey matter, brighter than a grey-matter peak lowered by the cortex's
+   partial volume, passes the score and the core rule but fades into the grey matter
+   around it (FLAIR alone: 1 mm phantom's lesion-wise precision 0.445 -> 0.831, recall
+   1.00 kept); with T2w the combined score vetoes it.
    *Without FLAIR* T2w cannot tell lesions from CSF and its partial volume with tissue
    (both are T2w-bright and moderately T1w-dark; FLAIR nulls the CSF). In a subject with
    FLAIR at other visits, such a visit is given a FLAIR imputed from the nearest FLAIR
@@ -479,7 +483,8 @@ def _segment_lesions(images, brain, location, tissue, spacing, cfg) -> np.ndarra
     les_f, csf_f, ref_f = lesion.ravel(), csf.ravel(), ref.ravel()
     n_out = np.zeros(idx.size, np.float64)
     n_csf = np.zeros(idx.size, np.float64)
-    local = float(cfg.get("local_contrast_z", 0.0)) if "FLAIR" in images else 0.0
+    # FLAIR without T2w (none at any visit: a visit without one is given an imputed T2w)
+    local = float(cfg.get("local_contrast_z", 0.0)) if "FLAIR" in images and "T2w" not in images else 0.0
     touched = []                # (component, tissue voxel) contacts, as one int64 key each
     for off in _neighbour_offsets(lesion.shape, conn):      # loop over neighbour offsets
         nb = np.clip(idx + off, 0, last)
@@ -499,7 +504,10 @@ def _segment_lesions(images, brain, location, tissue, spacing, cfg) -> np.ndarra
         # by the growth level. Normal grey matter brighter than the grey-matter peak (deep
         # and thick grey matter against a partial-volumed cortex peak) passes the
         # hysteresis but fades into the grey matter around it; a lesion steps up from
-        # its surroundings (docs/accuracy.md, FLAIR alone)
+        # its surroundings. With T2w, the combined score vetoes such grey matter, and the
+        # rule is left out: a large confluent lesion's mean lies near its edge level, and on
+        # the real longitudinal patient the rule made its volume hinge on a missing T2w
+        # (docs/accuracy.md, FLAIR alone)
         key = np.unique(np.concatenate(touched))
         comp, vox = key // (last + 1), key % (last + 1)
         n_tis = np.bincount(comp, minlength=n + 1)
@@ -509,6 +517,37 @@ def _segment_lesions(images, brain, location, tissue, spacing, cfg) -> np.ndarra
         keep &= (n_tis == 0) | (inside - outside >= local * p.sigma_low)
     keep[0] = False
     return lesion & keep[lab]
+
+
+def _flair_confirmed(images, brain, location, tissue, spacing, cfg, lesion) -> np.ndarray:
+    """Lesions found on FLAIR (T2w left out) that the combined score missed, kept where
+    T2w confirms them on average: the mean T2w z (capped by the FLAIR z, as in the lesion
+    score) over the component's FLAIR core (FLAIR z above ``seed_z``) reaches ``grow_z``.
+
+    The combined score asks every seed voxel to be abnormal on both contrasts together
+    (their geometric mean above ``seed_z``); a small lesion drawn on FLAIR whose T2w
+    contrast is weaker, on thicker T2w slices or by sequence, misses it voxel by voxel
+    although its core is T2w-bright on average. Grey matter that FLAIR alone would take is
+    not T2w-brighter than the grey matter the T2w z expects there, and stays out."""
+    alone = _segment_lesions({m: a for m, a in images.items() if m != "T2w"}, brain, location,
+                             tissue, spacing, cfg)
+    alone &= ~lesion
+    conn = ndi.generate_binary_structure(3, int(cfg["connectivity"]))
+    lab, n = ndi.label(alone, structure=conn)
+    if n == 0:
+        return alone
+    touch = np.zeros(n + 1, bool)       # components that touch a combined-score lesion are its edge
+    touch[np.unique(lab[ndi.binary_dilation(lesion, structure=conn) & alone])] = True
+    idx = np.flatnonzero(lab)
+    labs = lab.ravel()[idx]
+    zf = np.maximum(tissue.z_hyper("FLAIR", images["FLAIR"]).ravel()[idx], 0)
+    zt = np.minimum(np.maximum(tissue.z_hyper("T2w", images["T2w"]).ravel()[idx], 0), zf)
+    core = zf >= float(cfg["seed_z"])
+    n_core = np.bincount(labs[core], minlength=n + 1)
+    t2 = np.bincount(labs[core], weights=zt[core], minlength=n + 1) / np.maximum(n_core, 1)
+    keep = (n_core > 0) & (t2 >= float(cfg["grow_z"])) & ~touch
+    keep[0] = False
+    return keep[lab]
 
 
 def _enhancement(imgs: dict):
@@ -791,6 +830,8 @@ def segment_session(images: dict, priors, spacing, cfg: dict, lesion_mask=None,
         lesion = np.asarray(lesion_mask, dtype=bool)[box]
     else:
         lesion = _segment_lesions(imgs, brain, priors.location[box], tissue, spacing, cfg)
+        if bool(cfg.get("flair_confirmed_by_t2w", False)) and "FLAIR" in imgs and "T2w" in imgs:
+            lesion |= _flair_confirmed(imgs, brain, priors.location[box], tissue, spacing, cfg, lesion)
 
     restricted = np.zeros_like(lesion)
     if "ADC" in imgs:

@@ -542,7 +542,8 @@ def test_a_lesion_must_stand_out_from_the_tissue_around_it():
     (deep or thick grey matter against a cortex peak lowered by partial volume) passes the
     lesion score and the core rule, but it fades into the grey matter around it; with
     ``local_contrast_z`` (default 2.5) it is no lesion. Two lesions, one in white and one
-    in grey matter, step up from their surroundings and stay."""
+    in grey matter, step up from their surroundings and stay. With T2w the rule is left out
+    (the combined score is the veto there)."""
     from lesiontrack.preprocess import Priors
 
     rng = np.random.default_rng(7)
@@ -567,5 +568,46 @@ def test_a_lesion_must_stand_out_from_the_tissue_around_it():
     assert off[swollen].mean() > 0.3                     # without the rule: found as a lesion
     assert not on[swollen].any()
     assert on[lesion].all() and dice(lesion, on) > 0.95
+    t2w = rng.normal(1.0, 0.03, shape).astype(np.float32)      # with T2w the rule is left out
+    t2w[:, 20:] += 0.3
+    t2w[lesion] = 1.6
+    both = {"FLAIR": flair, "T2w": t2w}
+    assert np.array_equal(segment.segment_session(both, priors, SP, cfg).lesion,
+                          segment.segment_session(both, priors, SP, dict(cfg, local_contrast_z=0)).lesion)
     with pytest.raises(segment.SegmentError, match="local_contrast_z"):
         segment.segment_session({"FLAIR": flair}, priors, SP, dict(cfg, local_contrast_z=-1))
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_flair_lesions_confirmed_by_t2w_on_average(seed):
+    """A lesion FLAIR-bright (4 widths) and T2w-bright (2.8 widths) throughout, but never
+    both enough voxel by voxel (geometric mean 3.35 < seed_z 3.5), is missed by the
+    combined score; with ``flair_confirmed_by_t2w`` (an option, off by default) it is kept,
+    its FLAIR core being T2w-bright on average (>= grow_z). A FLAIR-bright spot with no T2w
+    contrast stays out either way; a lesion bright on both is found either way."""
+    from lesiontrack.preprocess import Priors
+
+    rng = np.random.default_rng(seed)
+    shape = (40, 40, 40)
+    wm, gm = np.ones(shape, np.float32), np.zeros(shape, np.float32)
+    flair = rng.normal(1.0, 0.03, shape).astype(np.float32)
+    t2w = rng.normal(1.0, 0.03, shape).astype(np.float32)
+    z0 = np.zeros(shape, np.float32)
+    priors = Priors(np.ones(shape, bool), wm, gm, z0, z0.astype(np.uint8), True)
+    cfg = CFG["segment"]
+    assert cfg["flair_confirmed_by_t2w"] is False
+    t = segment._Tissue(np.ones(shape, bool), wm, gm, cfg)
+    pf, pt = t.peak("FLAIR", flair), t.peak("T2w", t2w)
+    faint, alone, both = (slice(8, 12),) * 3, (slice(26, 30),) * 3, (slice(8, 12), slice(26, 30), slice(8, 12))
+    flair[faint], t2w[faint] = pf.mode + 4.0 * pf.sigma_low, pt.mode + 2.8 * pt.sigma_low
+    flair[alone], t2w[alone] = pf.mode + 6.0 * pf.sigma_low, pt.mode
+    flair[both], t2w[both] = 1.3, 1.5
+    images = {"FLAIR": flair, "T2w": t2w}
+    on = segment.segment_session(images, priors, SP, dict(cfg, flair_confirmed_by_t2w=True)).lesion
+    off = segment.segment_session(images, priors, SP, cfg).lesion
+    assert on[faint].all() and not off[faint].any()
+    assert not on[alone].any() and not off[alone].any()
+    assert on[both].all() and off[both].all()
+    near = np.zeros(shape, bool)
+    near[7:13, 7:13, 7:13] = True                 # the faint lesion and the voxels next to it
+    assert not (on & ~off & ~near).any()
