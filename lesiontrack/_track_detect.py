@@ -33,6 +33,8 @@ import numpy as np
 from scipy import ndimage as ndi
 from scipy.special import ndtri
 
+from ._morph import dilation
+
 __all__ = ["fdr_threshold", "detect_change", "rescue_missed"]
 
 
@@ -41,12 +43,15 @@ def fdr_threshold(z: np.ndarray, q: float) -> float:
 
     Returns ``inf`` when nothing is significant.
     """
-    a = np.sort(np.abs(np.asarray(z, dtype=np.float64)).ravel())[::-1]
+    a = np.abs(np.asarray(z, dtype=np.float64)).ravel()
     m = a.size
     if m == 0:
         return float("inf")
-    # p_(k) <= q k / m  <=>  |z|_(k) >= Phi^-1(1 - q k / (2 m)) (two-sided)
-    crit = -ndtri(np.minimum(q * np.arange(1, m + 1) / (2.0 * m), 0.5))
+    # p_(k) <= q k / m  <=>  |z|_(k) >= Phi^-1(1 - q k / (2 m)) (two-sided). No rank
+    # passes below the level of k = m, so only the values above it are sorted (they are
+    # the top ranks, numbered as in the whole sort)
+    a = np.sort(a[a >= -ndtri(min(q / 2.0, 0.5))])[::-1]
+    crit = -ndtri(np.minimum(q * np.arange(1, a.size + 1) / (2.0 * m), 0.5))
     ok = np.flatnonzero(a >= crit)
     return float(a[ok[-1]]) if ok.size else float("inf")
 
@@ -242,7 +247,7 @@ def _whole_new_regions(sz, like, other, seeds, brain, grow, lesions, st, voxel_v
     if n == 0:
         return np.zeros(reg.shape, bool)
     ok = np.bincount(lab[seeds], minlength=n + 1) > 0
-    near = ndi.binary_dilation((other >= c["change_lesion_z"]) | lesions, st)
+    near = dilation((other >= c["change_lesion_z"]) | lesions, st)
     ok &= np.bincount(lab[near], minlength=n + 1) == 0
     ok &= np.bincount(lab.ravel(), minlength=n + 1) * voxel_volume >= c["min_change_mm3"]
     ok[0] = False
@@ -309,7 +314,7 @@ def rescue_missed(masks, lesion_z, flair, brain: np.ndarray, spacing, c: dict, o
         if not near.any():
             continue
         free = brain & (np.asarray(lesion_z[t]) >= c["change_absent_z"])
-        free &= ~ndi.binary_dilation(masks[t], st) & ndi.binary_dilation(near, st)
+        free &= ~dilation(masks[t], st) & dilation(near, st)
         lab, k = ndi.label(free, structure=st)
         if k == 0:
             continue

@@ -33,6 +33,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
+from ._morph import dilation, erosion
+
 __all__ = ["STATUS", "NEW", "ENLARGING", "STABLE", "SHRINKING", "RESOLVED",
            "volume_status", "detectable_change", "boundary_shell", "boundary_shift_change",
            "agreeing_shift", "DifferenceEvidence"]
@@ -45,7 +47,7 @@ MIN_CONTRAST = 0.1   # lesion-to-NAWM contrast floor of the boundary shift integ
 def boundary_shell(lab: np.ndarray, n: int) -> np.ndarray:
     """Voxel count of each component's one-voxel inner boundary (6-neighbourhood)."""
     mask = lab > 0
-    inner = ndi.binary_erosion(mask, ndi.generate_binary_structure(3, 1), border_value=0)
+    inner = erosion(mask, ndi.generate_binary_structure(3, 1))
     return np.bincount(lab[mask & ~inner], minlength=n + 1)
 
 
@@ -110,7 +112,7 @@ def boundary_shift_change(key0: np.ndarray, key1: np.ndarray, n: int, ev, voxel_
     key = np.where(key1 > 0, key1, key0)
     union = key > 0
     inter = (key0 > 0) & (key1 > 0)
-    region = ndi.binary_dilation(union, full) & ~ndi.binary_erosion(inter, full)
+    region = dilation(union, full) & ~erosion(inter, full)
     owner = np.where(union, key, ndi.grey_dilation(key, footprint=full))[region]
     level = np.full(n + 1, np.nan)
     for where in (union, inter):                  # a lesion's level: over its core if it has one

@@ -309,14 +309,18 @@ def run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None, prog
         log.warning("sub-%s %s: the field of view of its %s misses %.2g %% of the brain; lesions "
                     "there are carried from the nearest visit that observed them", subject, sid,
                     observed.contrasts[sid], 100 * frac)
-    pre = {}
-    for sid in sids:  # free each session's raw resampled arrays as soon as they are preprocessed
-        pre[sid] = preprocess.preprocess_session(aligned.pop(sid), priors, spacing, cfg["preprocess"])
-        for mod, arr in pre[sid].items():  # compressed in the background from here on
-            # scaled int16 (as scanners write): a step of 1/65535 of the image's range, far
-            # below its noise, at half the size and compression time of float32
-            writer.save(grid.with_data(arr.astype(np.float32, copy=False)),
-                        _preproc_path(output_dir, subject, sid, mod), np.int16)
+
+    def save(sid, mod, arr):
+        # compressed in the background from here on, as scaled int16 (as scanners write):
+        # a step of 1/65535 of the image's range, far below its noise, at half the size
+        # and compression time of float32
+        writer.save(grid.with_data(arr.astype(np.float32, copy=False)),
+                    _preproc_path(output_dir, subject, sid, mod), np.int16)
+
+    # every image of every session on one pool; each raw resampled array is released as
+    # soon as it is taken up
+    pre = preprocess.preprocess_sessions({sid: aligned.pop(sid) for sid in sids}, priors, spacing,
+                                         cfg["preprocess"], done=save)
     timing["preprocess_s"] = time.perf_counter() - t0
 
     # 5. segmentation --------------------------------------------------------------

@@ -31,7 +31,7 @@ from ._seg_stats import tissue_peak
 from .image import Image
 
 __all__ = ["Priors", "PreprocessError", "LOCATION_NAMES", "prepare_subject", "preprocess_session",
-           "detect_skullstripped", "n4_correct", "tissue_fit"]
+           "preprocess_sessions", "detect_skullstripped", "n4_correct", "tissue_fit"]
 
 log = logging.getLogger(__name__)
 
@@ -300,12 +300,41 @@ def preprocess_session(images: dict, priors: Priors, spacing, cfg: dict) -> dict
         FLAIR, T2w, T1w, ceT1w and b1000 float32 with the NAWM peak at 1.0; ADC
         (mm^2/s) and any other key unchanged.
     """
+    return preprocess_sessions({None: dict(images)}, priors, spacing, cfg)[None]
+
+
+def preprocess_sessions(sessions: dict, priors: Priors, spacing, cfg: dict, done=None) -> dict:
+    """:func:`preprocess_session` for several sessions, all their images on one pool.
+
+    The images of every session go side by side on the CPUs this process may use (N4
+    and numpy release the GIL; each N4 keeps its own thread count, so the results are
+    those of :func:`preprocess_session`, session by session). One pool for all of them
+    keeps the CPUs busy where a session's last image would leave one idle.
+
+    Parameters
+    ----------
+    sessions : dict[key, dict[str, ndarray]]
+        Session -> modality -> array on the individual grid. Each array is removed from
+        its session's dict when its turn comes, so that memory is released as the work
+        goes on.
+    priors, spacing, cfg
+        As for :func:`preprocess_session`.
+    done : callable, optional
+        ``done(session, modality, array)`` for each result, in input order, as soon as
+        it and those before it are ready (e.g. to write it in the background).
+
+    Returns
+    -------
+    dict[key, dict[str, ndarray]]
+        Session -> modality -> preprocessed array, in the input order.
+    """
     brain = priors.brain_mask
     nawm = brain & (priors.wm_prob >= float(cfg["nawm_prior_min"]))
+    jobs = [(key, mod) for key, images in sessions.items() for mod in images]
 
-    def one(item):
-        mod, arr = item
-        a = np.asarray(arr, dtype=np.float32)
+    def one(job):
+        key, mod = job
+        a = np.asarray(sessions[key].pop(mod), dtype=np.float32)
         if a.shape != brain.shape:
             raise PreprocessError(f"{mod}: shape {a.shape} differs from the priors' grid {brain.shape}")
         if mod not in _NORMALISED:
@@ -324,10 +353,11 @@ def preprocess_session(images: dict, priors: Priors, spacing, cfg: dict) -> dict
             raise PreprocessError(f"{mod}: normal-appearing white-matter peak is {peak.mode:g} (<= 0)")
         return a / np.float32(peak.mode)
 
-    # the contrasts side by side on the CPUs this process may use (N4 and numpy release
-    # the GIL; each N4 keeps its own thread count, so results do not depend on this)
-    n = min(len(images), usable_cpus())
-    if n <= 1:
-        return {mod: one((mod, arr)) for mod, arr in images.items()}   # loop over modalities
-    with ThreadPoolExecutor(n) as pool:
-        return dict(zip(images, pool.map(one, images.items())))
+    out = {key: {} for key in sessions}
+    n = min(len(jobs), usable_cpus())
+    with ThreadPoolExecutor(max(n, 1)) as pool:
+        for (key, mod), arr in zip(jobs, pool.map(one, jobs) if n > 1 else map(one, jobs)):
+            out[key][mod] = arr
+            if done is not None:
+                done(key, mod, arr)
+    return out

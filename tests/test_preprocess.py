@@ -205,6 +205,29 @@ def test_preprocess_session_same_with_one_or_more_threads(monkeypatch):
         preprocess.preprocess_session(bad, priors, SP, cfg)
 
 
+def test_preprocess_sessions_on_one_pool_as_session_by_session(monkeypatch):
+    """Every image of several sessions on one pool: the results are those of each session
+    alone, in the input order; each input is released when taken up and ``done`` sees
+    every result in order."""
+    imgs, priors, _, _ = synthetic_subject(resolution=2, seed=2)
+    cfg = dict(CFG, n4_modalities=["FLAIR", "T2w", "T1w"])
+    other = {m: a * np.float32(1.3) for m, a in imgs.items() if m != "T1w"}
+    monkeypatch.setattr(preprocess, "usable_cpus", lambda: 2)
+    alone = [preprocess.preprocess_session(x, priors, SP, cfg) for x in (imgs, other)]
+    sessions = {"ses-1": dict(imgs), "ses-2": dict(other)}
+    seen = []
+    both = preprocess.preprocess_sessions(sessions, priors, SP, cfg,
+                                          done=lambda s, m, a: seen.append((s, m, a)))
+    assert sessions == {"ses-1": {}, "ses-2": {}}           # inputs released
+    assert list(both) == ["ses-1", "ses-2"]
+    assert [(s, m) for s, m, _ in seen] == [(s, m) for s in both for m in both[s]]
+    for (s, ref) in zip(both, alone):
+        assert list(both[s]) == list(ref)
+        for mod in ref:
+            assert np.array_equal(both[s][mod], ref[mod]), (s, mod)
+    assert all(a is both[s][m] for s, m, a in seen)
+
+
 def _scaled(scale, shift=(0.0, 0.0, 0.0)):
     """A subject -> template transform that scales about the template centre (LPS mm)."""
     import SimpleITK as sitk

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage as ndi
+from scipy.special import ndtri
 from scipy.stats import norm
 
 from lesiontrack.config import load_config
 from lesiontrack.track import TrackingError, track_lesions
+from lesiontrack import _morph
 from lesiontrack._track_detect import fdr_threshold
 
 SHAPE = (36, 36, 36)
@@ -42,6 +45,38 @@ def test_fdr_threshold_matches_benjamini_hochberg():
     k = np.flatnonzero(ps <= 0.05 * np.arange(1, p.size + 1) / p.size)[-1]
     assert np.count_nonzero(np.abs(z) >= thr) == k + 1
     assert fdr_threshold(rng.standard_normal(1000) * 0.1, 0.05) == np.inf
+
+
+@pytest.mark.parametrize("q", [0.001, 0.05, 0.5, 1.0, 1.5])
+def test_fdr_threshold_matches_the_whole_sort(q):
+    """Only values above the last rank's level are sorted; the threshold is that of
+    Benjamini-Hochberg over every value (no rank, no level skipped)."""
+    rng = np.random.default_rng(1)
+    for k in range(20):
+        z = rng.standard_normal(int(rng.integers(1, 5000))) * rng.choice([0.5, 1.0, 2.0])
+        z[: k] += rng.uniform(2, 8, size=min(k, z.size))
+        a = np.sort(np.abs(z))[::-1]
+        crit = -ndtri(np.minimum(q * np.arange(1, a.size + 1) / (2.0 * a.size), 0.5))
+        ok = np.flatnonzero(a >= crit)
+        assert fdr_threshold(z, q) == (a[ok[-1]] if ok.size else np.inf)
+    assert fdr_threshold(np.array([]), q) == np.inf
+
+
+def test_sparse_morphology_is_scipys():
+    """The tracker's dilation and erosion of sparse masks give scipy's results, also for
+    masks on the array's faces, for every neighbourhood; dense masks go to scipy."""
+    rng = np.random.default_rng(2)
+    for trial in range(60):
+        shape = tuple(int(n) for n in rng.integers(3, 16, 3))
+        m = rng.random(shape) < rng.choice([0.003, 0.02, 0.3])
+        if trial % 2:
+            m = ndi.binary_dilation(m)
+        for conn in (1, 2, 3):
+            st = ndi.generate_binary_structure(3, conn)
+            assert np.array_equal(_morph.dilation(m, st), ndi.binary_dilation(m, st))
+            assert np.array_equal(_morph.erosion(m, st), ndi.binary_erosion(m, st))
+    with pytest.raises(ValueError, match="symmetric"):
+        _morph.dilation(np.pad(np.ones((1, 1, 1), bool), 9), np.ones((3, 3, 1), bool))
 
 
 def test_missed_new_and_vanished_lesions_are_detected(cfg):
