@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import platform
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -128,37 +127,6 @@ def _load_session(si: bids.SessionInputs, cfg) -> tuple[dict, dict, dict]:
     return images, dwimaps, grids
 
 
-def interpolation_advice(native: dict, grid_spacing, interpolation: str) -> str | None:
-    """A warning when linear interpolation meets thick slices and no T2w, else None.
-
-    Linear interpolation of slices at least twice as thick as the subject grid's voxels
-    smooths each voxel by an amount that depends on where it falls between the acquired
-    samples, differently at each visit. The T2w factor of the lesion score hides most of
-    the noise lesions that follow; without T2w at any visit, the real longitudinal patient's
-    change map had 10 false-positive components with linear and 3-5 with cubic
-    interpolation (README, known limits).
-
-    Parameters
-    ----------
-    native : dict
-        ``{session: {modality: Image}}`` as read.
-    grid_spacing : sequence of 3 float
-        The subject grid's voxel size (mm).
-    interpolation : str
-        ``[registration] interpolation``.
-    """
-    if interpolation != "linear" or any("T2w" in imgs for imgs in native.values()):
-        return None
-    thick = max((max(img.spacing) for imgs in native.values() for m, img in imgs.items()
-                 if m == "FLAIR"), default=0.0)
-    if thick < 2.0 * min(grid_spacing):
-        return None
-    return (f"FLAIR slices of {thick:.1f} mm, a {min(grid_spacing):.1f} mm subject grid and no "
-            "T2w at any visit: linear interpolation smooths the voxels unevenly and the change "
-            "map finds more noise lesions; [registration] interpolation = "
-            "\"bspline\" is recommended for such data (README, known limits)")
-
-
 def _grid_only(img: Image) -> Image:
     """``img``'s grid (shape, affine, source) without its voxels: a zero-strided view."""
     return Image(np.broadcast_to(np.zeros((), img.data.dtype), img.shape), img.affine, img.is_label,
@@ -253,9 +221,6 @@ def run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None, prog
     _step(progress, "resample", 3, n_steps)
     t0 = time.perf_counter()
     interp = cfg["registration"]["interpolation"]
-    advice = interpolation_advice(native, spacing, interp)
-    if advice:
-        log.warning("sub-%s: %s", subject, advice)
 
     def resample_one(job):
         # one SimpleITK thread per image, the images side by side (numpy conversions and

@@ -270,22 +270,3 @@ def test_ready_adc_maps_in_another_storage_order(tmp_path):
     r = sitk.GetArrayFromImage(sitk.Resample(mov, ref, t, sitk.sitkLinear, 0.0))
     m = (a > 0) & (r > 0)
     assert m.sum() > 10000 and np.corrcoef(a[m], r[m])[0, 1] > 0.99
-
-
-def test_interpolation_advice_for_thick_slices_without_t2w():
-    """Linear interpolation, FLAIR slices at least twice the grid voxel and no T2w anywhere:
-    a warning that recommends cubic interpolation; otherwise none."""
-    from lesiontrack.image import Image
-    from lesiontrack.pipeline import interpolation_advice
-
-    def img(sp):
-        return Image(np.zeros((4, 4, 4), np.float32), np.diag([*sp, 1.0]))
-
-    thick = {"ses-1": {"FLAIR": img((0.7, 0.7, 3.0)), "T1w": img((1.0, 1.0, 1.0))},
-             "ses-2": {"FLAIR": img((0.7, 0.7, 3.0))}}
-    msg = interpolation_advice(thick, (1.0, 1.0, 1.0), "linear")
-    assert msg and "3.0 mm" in msg and "bspline" in msg
-    assert interpolation_advice(thick, (1.0, 1.0, 1.0), "bspline") is None
-    assert interpolation_advice(thick, (2.0, 2.0, 2.0), "linear") is None        # 1.5x: not thick
-    with_t2w = {**thick, "ses-2": {"FLAIR": img((0.7, 0.7, 3.0)), "T2w": img((0.6, 0.6, 3.3))}}
-    assert interpolation_advice(with_t2w, (1.0, 1.0, 1.0), "linear") is None
