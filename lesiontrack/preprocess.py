@@ -3,7 +3,9 @@
 :func:`prepare_subject` runs once per subject in the individual space: it
 registers the MNI152 T1 template that nilearn ships (affine, mutual information)
 to each of the subject's mean T1w, FLAIR and T2w, keeps the alignment under which
-the atlas tissue classes best explain all the contrasts (:func:`tissue_fit`), and
+the atlas tissue classes best explain all the contrasts (:func:`tissue_fit`, each
+contrast's fit relative to its best over the alignments, so that every contrast has one
+vote), and
 carries the brain mask, the grey/white-matter priors and the lesion-location map
 into the subject grid. Skull-stripped input is detected from the image itself.
 
@@ -57,7 +59,9 @@ class Priors:
         Whether the input was found (or declared) skull-stripped.
     template_fit : dict
         The contrasts the template was registered to, each with its :func:`tissue_fit`
-        (after the similarity stage; empty when only one was tried), and ``"chosen"``.
+        (``"tissue_fit"``, after the similarity stage; empty when only one was tried) and
+        that fit relative to each contrast's best over the alignments, averaged
+        (``"relative_fit"``, which chose), and ``"chosen"``.
     """
 
     brain_mask: np.ndarray
@@ -136,8 +140,13 @@ def tissue_fit(images: list, transform: sitk.Transform, cfg: dict) -> float:
     share of the rank variance the classes explain, 0 (no relation) to 1. Ranks make
     it independent of the contrast's intensity scale and robust to lesions and
     outliers; whatever the contrast orders the tissues, a correct alignment separates
-    them. Returns the mean over ``images``.
+    them. Returns the mean over ``images`` (:func:`_tissue_fits` gives each image's).
     """
+    return float(np.mean(_tissue_fits(images, transform, cfg)))
+
+
+def _tissue_fits(images: list, transform: sitk.Transform, cfg: dict) -> list:
+    """:func:`tissue_fit` of each image of ``images``."""
     grid, cls = _template_classes(int(cfg["registration_template_resolution"]))
     inv = transform.GetInverse()
     out = []
@@ -154,7 +163,7 @@ def tissue_fit(images: list, transform: sitk.Transform, cfg: dict) -> float:
         mu = np.bincount(lab, weights=r, minlength=4) / np.maximum(n, 1)
         between = float(np.sum(n * (mu - r.mean()) ** 2))
         out.append(between / max(float(r.var() * r.size), 1e-12))
-    return float(np.mean(out))
+    return out
 
 
 @lru_cache(maxsize=2)
@@ -199,7 +208,7 @@ def prepare_subject(grid_images: dict, cfg: dict) -> Priors:
     with sitk_threads(int(cfg["threads"])):   # threads = 1: byte-identical reruns
         if len(order) == 1:
             transform = register_template(ref, skullstripped, cfg)
-            best, fit = 0, {}
+            best, fit, rel = 0, {}, {}
         else:
             # the similarity stage on every contrast, side by side (SimpleITK releases the
             # GIL); the alignment that fits all contrasts best is refined (affine)
@@ -209,11 +218,23 @@ def prepare_subject(grid_images: dict, cfg: dict) -> Priors:
 
             with ThreadPoolExecutor(min(len(order), usable_cpus())) as pool:
                 coarse, fits = zip(*pool.map(similarity, order))
-            scores = [tissue_fit([grid_images[m] for m in order], t, cfg) for t in fits]
-            best = int(np.argmax(scores))
-            fit = {m: round(float(v), 4) for m, v in zip(order, scores)}
-            log.info("template registered to %s (tissue fit after the similarity stage: %s)",
-                     order[best], ", ".join(f"{m} {v:.3f}" for m, v in zip(order, scores)))
+            # each contrast's fit under each alignment (rows: alignments), relative to its
+            # best: every contrast has one vote. A contrast's own scale of fit depends on its
+            # tissue contrast (a 2D T1w's rank fit can be five times a FLAIR's), and each
+            # alignment fits its own image best, so a plain mean let the contrast with the
+            # widest scale choose its own alignment, also where it shrank the brain
+            fits_each = np.array([_tissue_fits([grid_images[m] for m in order], t, cfg)
+                                  for t in fits])
+            top = fits_each.max(axis=0)
+            relative = np.divide(fits_each, top, out=np.zeros_like(fits_each),
+                                 where=top > 0).mean(axis=1)
+            best = int(np.argmax(relative))
+            fit = {m: round(float(v), 4) for m, v in zip(order, fits_each.mean(axis=1))}
+            rel = {m: round(float(v), 4) for m, v in zip(order, relative)}
+            log.info("template registered to %s (after the similarity stage, tissue fit %s; "
+                     "relative to each contrast's best %s)", order[best],
+                     ", ".join(f"{m} {v:.3f}" for m, v in fit.items()),
+                     ", ".join(f"{m} {v:.3f}" for m, v in rel.items()))
             transform = register_template(coarse[best], skullstripped, cfg, init=fits[best],
                                           stages=("affine",))
         if float(cfg["template_warp_mm"]) > 0:
@@ -239,7 +260,7 @@ def prepare_subject(grid_images: dict, cfg: dict) -> Priors:
     log.info("priors from %s: skull-stripped=%s, brain %.0f mL", order[best], skullstripped,
              brain.sum() * ref.voxel_volume / 1000.0)
     return Priors(brain, wm, gm, csf, location, skullstripped,
-                  {"chosen": order[best], "tissue_fit": fit})
+                  {"chosen": order[best], "tissue_fit": fit, "relative_fit": rel})
 
 
 def n4_correct(data: np.ndarray, mask: np.ndarray, spacing, cfg: dict) -> np.ndarray:
