@@ -43,15 +43,24 @@ def _shifted(idx, shape, d, flat, inside):
     return idx + flat, ok
 
 
-def dilation(mask: np.ndarray, structure) -> np.ndarray:
-    """``ndi.binary_dilation(mask, structure)`` for a sparse 3-D mask."""
+def _sparse(mask, structure):
+    """``mask`` as bool and, unless it is dense (scipy is then cheaper: ``None``), its
+    voxels' flat indices, the structure's offsets (index and flat) and whether flat
+    offsets stay inside the array."""
     mask = np.asarray(mask, dtype=bool)
     if mask.ndim != 3 or np.count_nonzero(mask) > _DENSE * mask.size:
-        return ndi.binary_dilation(mask, structure)
+        return mask, None
     ds, flats = _offsets(structure, mask.shape)
-    idx = np.flatnonzero(mask)
+    return mask, (np.flatnonzero(mask), ds, flats, _inside(mask))
+
+
+def dilation(mask: np.ndarray, structure) -> np.ndarray:
+    """``ndi.binary_dilation(mask, structure)`` for a sparse 3-D mask."""
+    mask, sparse = _sparse(mask, structure)
+    if sparse is None:
+        return ndi.binary_dilation(mask, structure)
+    idx, ds, flats, inside = sparse
     out = np.zeros(mask.size, bool)
-    inside = _inside(mask)
     for d, flat in zip(ds, flats):          # loop over the structure's offsets
         j, ok = _shifted(idx, mask.shape, d, flat, inside)
         out[j if ok is None else j[ok]] = True
@@ -60,14 +69,12 @@ def dilation(mask: np.ndarray, structure) -> np.ndarray:
 
 def erosion(mask: np.ndarray, structure) -> np.ndarray:
     """``ndi.binary_erosion(mask, structure)`` (``border_value=0``) for a sparse 3-D mask."""
-    mask = np.asarray(mask, dtype=bool)
-    if mask.ndim != 3 or np.count_nonzero(mask) > _DENSE * mask.size:
+    mask, sparse = _sparse(mask, structure)
+    if sparse is None:
         return ndi.binary_erosion(mask, structure)
-    ds, flats = _offsets(structure, mask.shape)
-    idx = np.flatnonzero(mask)
+    idx, ds, flats, inside = sparse
     flat_mask = mask.ravel()
     keep = np.ones(idx.size, bool)
-    inside = _inside(mask)
     for d, flat in zip(ds, flats):          # loop over the structure's offsets
         j, ok = _shifted(idx, mask.shape, d, flat, inside)
         if ok is None:
