@@ -250,6 +250,8 @@ def run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None, prog
     del jobs
     ext_aligned = {sid: sitk_bridge.resample(m, grid, al.transforms[sid][_ref(native[sid])]).data > 0
                    for sid, m in ext_masks.items()}
+    # skull-stripped input is recognised on the images as stored (exact zero background)
+    stripped = preprocess.stripped_inputs(native, cfg["preprocess"])
     # from here on the native images serve only as grids (native-space outputs, transform
     # files), in their files' own storage order: their voxels are released
     native = {sid: {mod: file_grids[sid][mod] for mod in mods} for sid, mods in native.items()}
@@ -266,7 +268,7 @@ def run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None, prog
         arrs = [aligned[s][mod] for s in sids if mod in aligned[s]]
         if arrs:
             means[mod] = grid.with_data(np.mean(arrs, axis=0, dtype=np.float32))
-    priors = preprocess.prepare_subject(means, cfg["preprocess"])
+    priors = preprocess.prepare_subject(means, cfg["preprocess"], stripped)
     del means
     observed = _observed(sids, aligned, fovs, grid.shape, priors.brain_mask)
     del fovs

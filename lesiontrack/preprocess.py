@@ -33,7 +33,7 @@ from ._seg_stats import tissue_peak
 from .image import Image
 
 __all__ = ["Priors", "PreprocessError", "LOCATION_NAMES", "prepare_subject", "preprocess_session",
-           "preprocess_sessions", "detect_skullstripped", "n4_correct", "tissue_fit"]
+           "preprocess_sessions", "detect_skullstripped", "stripped_inputs", "n4_correct", "tissue_fit"]
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,28 @@ def detect_skullstripped(img: Image, cfg: dict) -> bool:
         return False
     vol_ml = float(_support(img.data).sum()) * img.voxel_volume / 1000.0
     return vol_ml <= float(cfg["skullstrip_max_brain_ml"])
+
+
+def stripped_inputs(images_by_session: dict, cfg: dict) -> dict | None:
+    """Per modality, whether every session's native image of it is skull-stripped
+    (:func:`detect_skullstripped`), for :func:`prepare_subject`. ``None`` unless
+    ``skullstripped = "auto"``.
+
+    Parameters
+    ----------
+    images_by_session : dict[str, dict[str, Image]]
+        Each session's native images by modality, as read from their files.
+    cfg : dict
+        The ``[preprocess]`` section of the pipeline config.
+    """
+    if cfg.get("skullstripped") != "auto":
+        return None
+    out = {}
+    for imgs in images_by_session.values():
+        for mod, img in imgs.items():
+            if mod in cfg["template_modalities"] and out.get(mod, True):
+                out[mod] = detect_skullstripped(img, cfg)
+    return out
 
 
 def _check_cfg(cfg: dict):
@@ -181,7 +203,7 @@ def _template_classes(resolution: int):
     return Image(brain.astype(np.float32), aff), cls.astype(np.intp)
 
 
-def prepare_subject(grid_images: dict, cfg: dict) -> Priors:
+def prepare_subject(grid_images: dict, cfg: dict, native_stripped: dict | None = None) -> Priors:
     """Atlas priors of one subject in the individual space.
 
     Parameters
@@ -190,6 +212,14 @@ def prepare_subject(grid_images: dict, cfg: dict) -> Priors:
         Across-session mean image of each modality on the individual grid.
     cfg : dict
         The ``[preprocess]`` section of the pipeline config.
+    native_stripped : dict[str, bool], optional
+        Per modality, whether every session's native image of it is skull-stripped
+        (:func:`detect_skullstripped` on the images as stored, :func:`stripped_inputs`).
+        With ``skullstripped = "auto"`` the modality the priors are drawn on decides from
+        it; without it, from its across-session mean. The mean is a poorer witness: its
+        support is the union of the visits' brains, widened by their misalignment and the
+        interpolation, and a large brain's mean can exceed ``skullstrip_max_brain_ml``
+        where each visit does not.
 
     Returns
     -------
@@ -202,7 +232,12 @@ def prepare_subject(grid_images: dict, cfg: dict) -> Priors:
                               f"(the [preprocess] template_modalities), got {sorted(grid_images)}")
     ref = grid_images[order[0]]
     ss = cfg["skullstripped"]
-    skullstripped = detect_skullstripped(ref, cfg) if ss == "auto" else bool(ss)
+    if ss != "auto":
+        skullstripped = bool(ss)
+    elif native_stripped is not None and order[0] in native_stripped:
+        skullstripped = bool(native_stripped[order[0]])
+    else:
+        skullstripped = detect_skullstripped(ref, cfg)
     if cfg["template_selection"] == "first":
         order = order[:1]
     with sitk_threads(int(cfg["threads"])):   # threads = 1: byte-identical reruns
