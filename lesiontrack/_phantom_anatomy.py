@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["Anatomy", "load_anatomy", "warp_anatomy", "render", "smooth_noise", "TISSUE", "LESION",
+__all__ = ["Anatomy", "load_anatomy", "warp_anatomy", "render", "smooth_noise", "TISSUE", "LESION", "CONTRAST_TABLES",
            "ADC"]
 
 # Relative tissue intensities (white matter = 1) of every rendered contrast.
@@ -43,6 +43,13 @@ LESION = {
     "adc_acute": 0.95e-3,       # acute lesion outside its restricted core
     "adc_restricted": 0.40e-3,  # restricted diffusion
 }
+# Lesions of lower contrast (``make_phantom(lesion_contrast="low")``): FLAIR grey matter
+# nearer white matter and lesions fainter on FLAIR and T2w, nearer the real cross-sectional
+# patient's FLAIR (grey matter 1.10, lesion mean 1.31 times white matter) than the standard
+# tables; juxtacortical lesions are then barely brighter than grey matter on T2w.
+TISSUE_LOW = {**TISSUE, "FLAIR": (1.15, 1.00, 0.18, 0.04, 0.70)}
+LESION_LOW = {**LESION, "FLAIR": (1.30, 1.60), "T2w": (1.50, 1.90)}
+CONTRAST_TABLES = {"standard": (TISSUE, LESION), "low": (TISSUE_LOW, LESION_LOW)}
 _SKULL_MM = (1.5, 7.0, 12.0)   # outer edges of extra-axial CSF, skull and scalp (mm)
 _HULL_SIGMA_MM = 5.0           # smoothing of the brain mask that the skull follows
 
@@ -232,13 +239,14 @@ def _locations(gm, wm, csf, brain, affine, vox) -> np.ndarray:
 
 
 def render(anat: Anatomy, contrast: str, bvalue: float = 0.0,
-           texture_amp: float = 0.04) -> np.ndarray:
+           texture_amp: float = 0.04, tissue: dict | None = None) -> np.ndarray:
     """Noiseless lesion-free image of ``contrast`` on the world grid (float32).
 
     For ``contrast="b0"`` a diffusion weighting ``bvalue`` (s/mm^2) multiplies each
     tissue's signal by ``exp(-b * ADC)`` before mixing, so partial volume mixes signals.
+    ``tissue``: the relative tissue intensities (default :data:`TISSUE`).
     """
-    weights = TISSUE[contrast]
+    weights = (TISSUE if tissue is None else tissue)[contrast]
     if bvalue:
         keys = ("GM", "WM", "CSF", "skull", "scalp")
         weights = tuple(v * np.exp(-bvalue * ADC[k]) for v, k in zip(weights, keys))

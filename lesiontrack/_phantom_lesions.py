@@ -117,8 +117,9 @@ def _story(rng):
     return rows
 
 
-def design_lesions(anat: Anatomy, rng) -> Design:
-    """Place the story's lesions in white matter and build their blobs."""
+def design_lesions(anat: Anatomy, rng, lesion: dict | None = None) -> Design:
+    """Place the story's lesions in white matter and build their blobs. ``lesion``: the
+    lesion intensity table (default ``_phantom_anatomy.LESION``)."""
     rows = _story(rng)
     n = len(rows)
     # the merge pair and the split lesion are extra B lesions with special geometry
@@ -203,9 +204,10 @@ def design_lesions(anat: Anatomy, rng) -> Design:
         return rng.uniform(*lo_hi, size=n)
 
     from ._phantom_anatomy import LESION
-    factors = {"FLAIR": uni(LESION["FLAIR"]), "T2w": uni(LESION["T2w"]),
-               "T1w": uni(LESION["T1w"]), "b0": uni(LESION["b0"]),
-               "ceT1w": uni(LESION["enhancing_ceT1w"])}
+    table = LESION if lesion is None else lesion
+    factors = {"FLAIR": uni(table["FLAIR"]), "T2w": uni(table["T2w"]),
+               "T1w": uni(table["T1w"]), "b0": uni(table["b0"]),
+               "ceT1w": uni(table["enhancing_ceT1w"])}
     return Design(
         center=centers, location=np.array([r[1] for r in rows]),
         noise_amp=np.where(np.isin(np.arange(n), list(merge) + [split]), 0.08,

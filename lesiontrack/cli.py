@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="each image's head pose: shifted by up to this along each axis (default 5)")
     ph.add_argument("--pitch", type=float, default=0.0, metavar="DEG",
                     help="a pitch of the head common to every image (default 0)")
+    ph.add_argument("--lesion-contrast", choices=["standard", "low"], default="standard",
+                    help="low: FLAIR grey matter and lesions nearer white matter, lesions faint on T2w "
+                         "next to cortex (a stress test; default standard)")
     ph.add_argument("-v", "--verbose", action="count", default=0)
 
     rep = sub.add_parser("report", help="rebuild the HTML report from existing derivatives")
@@ -190,7 +193,7 @@ def main(argv=None) -> int:
             make_phantom(args.output_dir, n_subjects=args.subjects, seed=args.seed,
                          resolution=args.resolution, skull=args.skull, anatomy_warp_mm=args.warp,
                          max_rotation_deg=args.max_rotation, max_shift_mm=args.max_shift,
-                         pitch_deg=args.pitch)
+                         pitch_deg=args.pitch, lesion_contrast=args.lesion_contrast)
             print(f"phantom written: {args.output_dir / 'bids'} (BIDS) and {args.output_dir / 'truth'} (ground truth)")
             return 0
         cfg = load_config(args.config)

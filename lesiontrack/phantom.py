@@ -22,7 +22,7 @@ import pandas as pd
 from . import __version__, sitk_bridge
 from ._io import write_json, write_text, write_tsv
 from ._phantom_acquire import MAX_ROT_DEG, MAX_SHIFT_MM, SPECS, acquire, plan_acquisition, write_nifti
-from ._phantom_anatomy import LESION, load_anatomy, render, warp_anatomy
+from ._phantom_anatomy import CONTRAST_TABLES, LESION, load_anatomy, render, warp_anatomy
 from ._phantom_lesions import (ENLARGE, LOCATIONS, N_VISITS, SHRINK, Design,
                                design_lesions, render_visits)
 
@@ -57,7 +57,7 @@ def _rng(seed, subject, purpose):
 def make_phantom(out_dir, n_subjects: int = 1, seed: int = 0, resolution: int = 2,
                  progress=None, *, skull: bool = True, anatomy_warp_mm: float = 0.0,
                  max_rotation_deg: float = MAX_ROT_DEG, max_shift_mm: float = MAX_SHIFT_MM,
-                 pitch_deg: float = 0.0) -> dict:
+                 pitch_deg: float = 0.0, lesion_contrast: str = "standard") -> dict:
     """Write a synthetic longitudinal MS dataset and its ground truth.
 
     Parameters
@@ -94,12 +94,18 @@ def make_phantom(out_dir, n_subjects: int = 1, seed: int = 0, resolution: int = 
     pitch_deg : float
         A pitch (about the left-right axis, -45..45 degrees) of the head common to every
         image, as a head lies tilted in the coil against the template's orientation.
+    lesion_contrast : {"standard", "low"}
+        ``"low"``: FLAIR grey matter at 1.15 times white matter (standard 1.25), lesions at
+        1.30-1.60 on FLAIR (1.55-2.0) and 1.50-1.90 on T2w (1.7-2.3), nearer a real
+        patient's FLAIR; juxtacortical lesions are then barely brighter than grey matter on
+        T2w (``_phantom_anatomy.CONTRAST_TABLES``).
 
     Returns
     -------
     dict
         ``bids`` and ``truth`` (Paths), ``subjects`` (labels), ``seed``,
-        ``resolution``, ``skull``, ``anatomy_warp_mm`` and ``files``: per subject a dict with
+        ``resolution``, ``skull``, ``anatomy_warp_mm``, the pose options,
+        ``lesion_contrast`` and ``files``: per subject a dict with
         ``sessions`` (session id -> modality -> path), ``truth_table`` (Path) and
         ``world`` (the truth world-grid reference).
     """
@@ -116,6 +122,9 @@ def make_phantom(out_dir, n_subjects: int = 1, seed: int = 0, resolution: int = 
     if not 0.0 <= warp <= 10.0:
         raise PhantomError(f"make_phantom: anatomy_warp_mm must be a number of mm in 0..10, got "
                            f"{anatomy_warp_mm!r}")
+    if lesion_contrast not in CONTRAST_TABLES:
+        raise PhantomError(f"make_phantom: lesion_contrast must be one of "
+                           f"{sorted(CONTRAST_TABLES)}, got {lesion_contrast!r}")
     pose = {}
     for name, value, top in (("max_rotation_deg", max_rotation_deg, 45.0),
                              ("max_shift_mm", max_shift_mm, 50.0), ("pitch_deg", pitch_deg, 45.0)):
@@ -129,27 +138,31 @@ def make_phantom(out_dir, n_subjects: int = 1, seed: int = 0, resolution: int = 
         pose[name] = v
     out = Path(out_dir)
     bids, truth = out / "bids", out / "truth"
-    _write_dataset_files(bids, truth, n_subjects, seed, resolution, skull, warp, pose)
+    _write_dataset_files(bids, truth, n_subjects, seed, resolution, skull, warp, pose,
+                         lesion_contrast)
     files = {}
     for s in range(1, n_subjects + 1):
         label = f"{s:02d}"
         files[label] = _make_subject(bids, truth, label, s, seed, resolution, skull, progress, warp,
-                                     pose)
+                                     pose, lesion_contrast)
         if progress is not None:
             progress(f"phantom: sub-{label} written")
     return {"bids": bids, "truth": truth, "subjects": list(files), "seed": int(seed),
             "resolution": int(resolution), "skull": bool(skull), "anatomy_warp_mm": warp,
-            **pose, "files": files}
+            **pose, "lesion_contrast": lesion_contrast, "files": files}
 
 
 _POSE_OPTIONS = {"max_rotation_deg": "--max-rotation", "max_shift_mm": "--max-shift",
                  "pitch_deg": "--pitch"}
 
 
-def _write_dataset_files(bids, truth, n_subjects, seed, resolution, skull, warp=0.0, pose=None):
+def _write_dataset_files(bids, truth, n_subjects, seed, resolution, skull, warp=0.0, pose=None,
+                         lesion_contrast="standard"):
     cmd = f"lesiontrack phantom OUT --subjects {n_subjects} --seed {seed} --resolution {resolution}"
     if warp > 0:
         cmd += f" --warp {warp:g}"
+    if lesion_contrast != "standard":
+        cmd += f" --lesion-contrast {lesion_contrast}"
     default = {"max_rotation_deg": MAX_ROT_DEG, "max_shift_mm": MAX_SHIFT_MM, "pitch_deg": 0.0}
     moved = {k: v for k, v in (pose or {}).items() if v != default[k]}   # recorded when not the default
     for k, v in moved.items():
@@ -170,7 +183,8 @@ def _write_dataset_files(bids, truth, n_subjects, seed, resolution, skull, warp=
         "DatasetType": "derivative",
         "GeneratedBy": [{"Name": "lesiontrack", "Version": __version__, "Description": cmd}],
         "seed": int(seed), "resolution_mm": int(resolution), "skull": bool(skull),
-        **({"anatomy_warp_mm": warp} if warp > 0 else {}), **moved})
+        **({"anatomy_warp_mm": warp} if warp > 0 else {}), **moved,
+        **({"lesion_contrast": lesion_contrast} if lesion_contrast != "standard" else {})})
 
 
 def _sessions_table(subject_index, seed) -> pd.DataFrame:
@@ -193,10 +207,10 @@ _SESSIONS_JSON = {
 }
 
 
-def _lesion_free(anat) -> dict:
+def _lesion_free(anat, tissue=None) -> dict:
     """Noiseless lesion-free world images of every contrast (rendered once per subject)."""
-    base = {con: render(anat, con) for con in ("FLAIR", "T2w", "b0", "T1w", "ceT1w")}
-    base["b1000"] = render(anat, "b0", bvalue=BVALUE)
+    base = {con: render(anat, con, tissue=tissue) for con in ("FLAIR", "T2w", "b0", "T1w", "ceT1w")}
+    base["b1000"] = render(anat, "b0", bvalue=BVALUE, tissue=tissue)
     return base
 
 
@@ -231,9 +245,11 @@ def _world_images(anat, base, des: Design, vt, t):
     return out
 
 
-def _make_subject(bids, truth, label, s, seed, resolution, skull, progress, warp=0.0, pose=None):
+def _make_subject(bids, truth, label, s, seed, resolution, skull, progress, warp=0.0, pose=None,
+                  lesion_contrast="standard"):
+    tissue, lesion = CONTRAST_TABLES[lesion_contrast]
     anat = warp_anatomy(load_anatomy(resolution, _rng(seed, s, 1), skull=skull), warp, _rng(seed, s, 5))
-    des = design_lesions(anat, _rng(seed, s, 2))
+    des = design_lesions(anat, _rng(seed, s, 2), lesion)
     visits, events = render_visits(anat, des, _rng(seed, s, 3))
     sub = f"sub-{label}"
     sdir, tdir = bids / sub, truth / sub
@@ -242,7 +258,7 @@ def _make_subject(bids, truth, label, s, seed, resolution, skull, progress, warp
     write_json(sdir / f"{sub}_sessions.json", _SESSIONS_JSON)
 
     aff = anat.affine
-    base = _lesion_free(anat)
+    base = _lesion_free(anat, tissue)
     ref = base["T1w"]
     head = ref > 0.02
     idx = np.argwhere(head)

@@ -290,6 +290,30 @@ def test_bad_arguments():
                       ("max_shift_mm", "far"), ("pitch_deg", -46), ("pitch_deg", float("nan"))):
         with pytest.raises(PhantomError, match=name):
             make_phantom("unused", **{name: bad})
+    with pytest.raises(PhantomError, match="lesion_contrast"):
+        make_phantom("unused", lesion_contrast="faint")
+
+
+def test_low_lesion_contrast_changes_only_the_intensities():
+    """``lesion_contrast="low"``: the same lesions (placement, story), fainter on FLAIR and
+    T2w, with FLAIR grey matter nearer white matter; the other contrasts are the standard's."""
+    from lesiontrack._phantom_anatomy import CONTRAST_TABLES, load_anatomy, render
+    from lesiontrack._phantom_lesions import design_lesions
+
+    anat = load_anatomy(2, np.random.default_rng(0), skull=False)
+    (t_std, l_std), (t_low, l_low) = CONTRAST_TABLES["standard"], CONTRAST_TABLES["low"]
+    std = design_lesions(anat, np.random.default_rng(1), l_std)
+    low = design_lesions(anat, np.random.default_rng(1), l_low)
+    assert np.array_equal(std.center, low.center)
+    for con in ("FLAIR", "T2w"):
+        assert low.factors[con].max() < std.factors[con].max()
+        assert low.factors[con].min() >= l_low[con][0] and low.factors[con].max() <= l_low[con][1]
+    assert np.array_equal(std.factors["T1w"], low.factors["T1w"])
+    gm = anat.gm > 0.9
+    ratio = {k: float(np.median(render(anat, "FLAIR", texture_amp=0, tissue=t)[gm]))
+             for k, t in (("std", t_std), ("low", t_low))}
+    assert ratio["low"] < ratio["std"]
+    assert np.array_equal(render(anat, "T1w", tissue=t_low), render(anat, "T1w", tissue=t_std))
 
 
 def test_head_pose_options_turn_the_head_as_asked():
