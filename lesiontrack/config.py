@@ -19,9 +19,20 @@ def default_config_path() -> Path:
     return Path(str(resources.files("lesiontrack") / "data" / "pipelines" / "default.toml"))
 
 
+# settings that were replaced: the message says by what
+REPLACED = {
+    "segment.blackhole_t1_max": "segment.blackhole_gm_z (black holes are now T1w-darker than the "
+                                "subject's grey matter by that many of its half-widths, not below a "
+                                "fixed fraction of white matter)",
+}
+
+
 def _merge(base: dict, over: dict, where: str, source) -> dict:
     out = copy.deepcopy(base)
     for key, val in over.items():
+        if f"{where}{key}" in REPLACED:
+            raise ConfigError(f"{source}: setting '{where}{key}' was replaced by "
+                              f"{REPLACED[where + key]}")
         if key not in base:
             raise ConfigError(f"{source}: unknown setting '{where}{key}'; allowed: "
                               f"{', '.join(sorted(base))}")

@@ -53,9 +53,12 @@ lesions nor atlas misregistration move.
    the atlas CSF) are no lesion, a lesion must be thicker than the partial-volume rim
    around them (it survives a one-voxel opening) and lie in white matter more than in
    grey matter (GM partial-volumed with sulcal CSF looks the same on T2w and T1w).
-2. *Restricted diffusion*: lesion voxels with ADC below ``adc_max_restricted``
-   (mm^2/s) and bright on b1000 relative to NAWM.
-3. *Black holes*: lesion voxels with T1w below ``blackhole_t1_max`` x the NAWM peak.
+2. *Restricted diffusion*: from lesion voxels with ADC below ``adc_max_restricted``
+   (mm^2/s) and bright on b1000 relative to NAWM, grown through lesion voxels whose ADC
+   lies ``restricted_grow_z`` half-widths below the NAWM ADC peak (:mod:`._seg_parts`).
+3. *Black holes*: from lesion voxels with T1w ``blackhole_gm_z`` half-widths below the
+   grey-matter peak (unequivocally darker than white and grey matter), to each core's
+   partial-volume edge (:mod:`._seg_parts`).
 4. *Enhancement*: lesion voxels whose ceT1w - T1w difference exceeds its NAWM
    distribution by ``enhancing_z`` sigma.
 
@@ -80,6 +83,7 @@ from scipy.special import ndtr, ndtri
 from skimage.filters import threshold_otsu
 
 from ._seg_measures import lesion_measures
+from ._seg_parts import blackhole_mask, enhancing_mask, restricted_mask
 from ._seg_stats import tissue_peak
 from ._track_detect import fdr_threshold, noise_model
 
@@ -111,7 +115,7 @@ class SessionMasks:
 
 def _check_cfg(cfg: dict):
     for key in ("seed_z", "grow_z", "core_above_gm_z", "min_lesion_mm3", "csf_z", "max_csf_border",
-                "adc_max_restricted", "b1000_z", "blackhole_t1_max", "enhancing_z",
+                "adc_max_restricted", "b1000_z", "restricted_grow_z", "blackhole_gm_z", "enhancing_z",
                 "atlas_uncertainty_mm"):
         if key not in cfg:
             raise SegmentError(f"[segment] setting '{key}' is missing from the pipeline config")
@@ -586,11 +590,11 @@ def pooled_widths(sessions: list, priors, cfg: dict) -> dict:
     for images in sessions:                       # loop over sessions
         tissue = _Tissue(brain, priors.wm_prob[box], priors.gm_prob[box], cfg)
         imgs = {m: np.asarray(a, dtype=np.float32)[box] for m, a in images.items()
-                if m in ("FLAIR", "T2w", "T1w", "ceT1w", "b1000")}
+                if m in ("FLAIR", "T2w", "T1w", "ceT1w", "b1000", "ADC")}
         if "ceT1w" in imgs:
             imgs["enh"] = _enhancement(imgs)
-        for key in [k for k in ("FLAIR", "T2w", "T1w", "b1000", "enh") if k in imgs]:
-            for t in (("wm", "gm") if key in ("FLAIR", "T2w") else ("wm",)):
+        for key in [k for k in ("FLAIR", "T2w", "T1w", "b1000", "ADC", "enh") if k in imgs]:
+            for t in (("wm", "gm") if key in ("FLAIR", "T2w", "T1w") else ("wm",)):
                 try:
                     p = tissue.peak(key, imgs[key], t)
                 except SegmentError:              # no overlap: that session adds nothing
@@ -835,31 +839,18 @@ def segment_session(images: dict, priors, spacing, cfg: dict, lesion_mask=None,
 
     restricted = np.zeros_like(lesion)
     if "ADC" in imgs:
-        adc = imgs["ADC"]
-        restricted = lesion & (adc > 0) & (adc < float(cfg["adc_max_restricted"]))
-        if "b1000" in imgs:
-            b = imgs["b1000"]
-            p = tissue.peak("b1000", b)
-            restricted &= b > p.mode + float(cfg["b1000_z"]) * p.sigma_low
+        restricted = restricted_mask(lesion, imgs["ADC"], imgs.get("b1000"), tissue, cfg)
         available.add("restricted")
 
     blackhole = np.zeros_like(lesion)
     if "T1w" in imgs:
-        t1 = imgs["T1w"]
-        blackhole = lesion & (t1 > 0) & (t1 < float(cfg["blackhole_t1_max"]))
+        blackhole = blackhole_mask(lesion, imgs["T1w"], tissue, cfg)
         available.add("blackhole")
 
     enhancing = np.zeros_like(lesion)
     if "ceT1w" in imgs:
-        d = _enhancement(imgs)
-        p = tissue.peak("enh", d)
-        enhancing = lesion & (d > p.mode + float(cfg["enhancing_z"]) * p.sigma_low)
-        if "T1w" in imgs:
-            enhancing &= imgs["T1w"] > 0
-        lab, n = ndi.label(enhancing, structure=ndi.generate_binary_structure(3, int(cfg["connectivity"])))
-        keep = np.bincount(lab.ravel(), minlength=n + 1) * float(np.prod(spacing)) >= float(cfg["enhancing_min_mm3"])
-        keep[0] = False
-        enhancing = keep[lab]
+        enhancing = enhancing_mask(lesion, _enhancement(imgs), imgs.get("T1w"), tissue, cfg,
+                                   float(np.prod(spacing)))
         available.add("enhancing")
 
     def full(m):

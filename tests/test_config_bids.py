@@ -25,6 +25,10 @@ def test_config_override_and_unknown_key(tmp_path):
     bad.write_text("[segment]\nno_such_setting = 3\n")
     with pytest.raises(ConfigError, match="no_such_setting"):
         load_config(bad)
+    old = tmp_path / "old.toml"                     # a setting that was replaced says by what
+    old.write_text("[segment]\nblackhole_t1_max = 0.55\n")
+    with pytest.raises(ConfigError, match="blackhole_t1_max' was replaced by segment.blackhole_gm_z"):
+        load_config(old)
     broken = tmp_path / "broken.toml"
     broken.write_text("[segment\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
