@@ -36,11 +36,25 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
+from ._morph import erosion
+
 __all__ = ["restricted_mask", "blackhole_mask", "enhancing_mask"]
 
 
 def _structure(cfg):
     return ndi.generate_binary_structure(3, int(cfg["connectivity"]))
+
+
+def _lesion_box(lesion):
+    """Slices of the bounding box of ``lesion`` grown by one voxel (the parts lie inside
+    the lesions: work there, not over the whole brain); ``None`` without lesion."""
+    box = []
+    for ax in range(lesion.ndim):
+        hit = np.flatnonzero(lesion.any(axis=tuple(a for a in range(lesion.ndim) if a != ax)))
+        if not hit.size:
+            return None
+        box.append(slice(max(int(hit[0]) - 1, 0), int(hit[-1]) + 2))
+    return tuple(box)
 
 
 def _grown(seeds, grow, structure):
@@ -57,28 +71,42 @@ def restricted_mask(lesion, adc, b1000, tissue, cfg) -> np.ndarray:
 
     ``adc`` in mm^2/s; ``b1000`` NAWM-normalised or ``None`` (then ADC alone decides);
     ``tissue``: the session's tissue peaks (``segment._Tissue``)."""
-    inside = lesion & (adc > 0)
+    bright = grow = None
     if b1000 is not None:
         pb = tissue.peak("b1000", b1000)
-        inside &= b1000 > pb.mode + float(cfg["b1000_z"]) * pb.sigma_low
-    seeds = inside & (adc < float(cfg["adc_max_restricted"]))
+        bright = pb.mode + float(cfg["b1000_z"]) * pb.sigma_low
     z = float(cfg["restricted_grow_z"])
-    if z <= 0 or not seeds.any():
-        return seeds
-    pw = tissue.peak("ADC", adc, "wm")
-    return _grown(seeds, inside & (adc < pw.mode - z * pw.sigma_low), _structure(cfg))
+    if z > 0:
+        pw = tissue.peak("ADC", adc, "wm")
+        grow = pw.mode - z * pw.sigma_low
+    out = np.zeros(lesion.shape, bool)
+    box = _lesion_box(lesion)
+    if box is None:
+        return out
+    les, a = lesion[box], adc[box]
+    inside = les & (a > 0)
+    if bright is not None:
+        inside &= b1000[box] > bright
+    seeds = inside & (a < float(cfg["adc_max_restricted"]))
+    out[box] = seeds if grow is None or not seeds.any() else _grown(seeds, inside & (a < grow), _structure(cfg))
+    return out
 
 
 def blackhole_mask(lesion, t1, tissue, cfg) -> np.ndarray:
     """T1 black holes inside ``lesion`` (see the module docstring); ``t1`` NAWM-normalised."""
-    inside = lesion & (t1 > 0)
     pg = tissue.peak("T1w", t1, "gm")
+    out = np.zeros(lesion.shape, bool)
+    box = _lesion_box(lesion)
+    if box is None:
+        return out
+    les, t1 = lesion[box], t1[box]
+    inside = les & (t1 > 0)
     # seeds lie inside their lesion: its border voxels mix with the tissue around it, and
     # CSF and grey matter are T1w-darker than the lesion
-    interior = ndi.binary_erosion(lesion, structure=ndi.generate_binary_structure(3, 1))
+    interior = erosion(les, ndi.generate_binary_structure(3, 1))
     seeds = inside & interior & (t1 < pg.mode - float(cfg["blackhole_gm_z"]) * pg.sigma_low)
     if not seeds.any():
-        return seeds
+        return out
     cand = inside & (t1 < pg.mode)
     rest = inside & ~cand
     level = float(np.median(t1[rest] if rest.any() else t1[inside]))
@@ -86,18 +114,26 @@ def blackhole_mask(lesion, t1, tissue, cfg) -> np.ndarray:
     sl = lab[seeds]
     n_seed = np.bincount(sl, minlength=n + 1)
     core = np.bincount(sl, weights=t1[seeds], minlength=n + 1) / np.maximum(n_seed, 1)
-    edge = np.where(n_seed > 0, np.minimum(0.5 * (core + level), pg.mode), -np.inf)
+    edge = np.where(n_seed > 0, np.minimum(0.5 * (core + level), pg.mode), -np.inf).astype(np.float32)
     edge[0] = -np.inf
-    return _grown(seeds, cand & (t1 < edge[lab].astype(np.float32)), _structure(cfg))
+    # the voxels of a seeded component darker than its edge (one labelling: a part cut off
+    # from the seeds by the edge is a dark spot of the same candidate region)
+    out[box] = seeds | (t1 < edge[lab])
+    return out
 
 
 def enhancing_mask(lesion, enh, t1, tissue, cfg, voxel_mm3: float) -> np.ndarray:
     """Enhancing lesion voxels: ``enh`` = ceT1w - T1w (ceT1w alone without T1w)."""
     p = tissue.peak("enh", enh)
-    enhancing = lesion & (enh > p.mode + float(cfg["enhancing_z"]) * p.sigma_low)
+    out = np.zeros(lesion.shape, bool)
+    box = _lesion_box(lesion)
+    if box is None:
+        return out
+    enhancing = lesion[box] & (enh[box] > p.mode + float(cfg["enhancing_z"]) * p.sigma_low)
     if t1 is not None:
-        enhancing &= t1 > 0
+        enhancing &= t1[box] > 0
     lab, n = ndi.label(enhancing, structure=_structure(cfg))
     keep = np.bincount(lab.ravel(), minlength=n + 1) * voxel_mm3 >= float(cfg["enhancing_min_mm3"])
     keep[0] = False
-    return keep[lab]
+    out[box] = keep[lab]
+    return out
