@@ -57,6 +57,16 @@ def _lesion_box(lesion):
     return tuple(box)
 
 
+def _in_lesions(lesion, img):
+    """The lesions' bounding box, ``img`` there, and there the lesion voxels where ``img``
+    has data; ``None`` without lesion."""
+    box = _lesion_box(lesion)
+    if box is None:
+        return None
+    crop = img[box]
+    return box, crop, lesion[box] & (crop > 0)
+
+
 def _grown(seeds, grow, structure):
     """The components of ``seeds | grow`` that contain a seed."""
     lab, n = ndi.label(seeds | grow, structure=structure)
@@ -80,11 +90,9 @@ def restricted_mask(lesion, adc, b1000, tissue, cfg) -> np.ndarray:
         pw = tissue.peak("ADC", adc, "wm")
         grow = pw.mode - z * pw.sigma_low
     out = np.zeros(lesion.shape, bool)
-    box = _lesion_box(lesion)
-    if box is None:
+    if (crop := _in_lesions(lesion, adc)) is None:
         return out
-    les, a = lesion[box], adc[box]
-    inside = les & (a > 0)
+    box, a, inside = crop
     if bright is not None:
         inside &= b1000[box] > bright
     seeds = inside & (a < float(cfg["adc_max_restricted"]))
@@ -96,14 +104,12 @@ def blackhole_mask(lesion, t1, tissue, cfg) -> np.ndarray:
     """T1 black holes inside ``lesion`` (see the module docstring); ``t1`` NAWM-normalised."""
     pg = tissue.peak("T1w", t1, "gm")
     out = np.zeros(lesion.shape, bool)
-    box = _lesion_box(lesion)
-    if box is None:
+    if (crop := _in_lesions(lesion, t1)) is None:
         return out
-    les, t1 = lesion[box], t1[box]
-    inside = les & (t1 > 0)
+    box, t1, inside = crop
     # seeds lie inside their lesion: its border voxels mix with the tissue around it, and
     # CSF and grey matter are T1w-darker than the lesion
-    interior = erosion(les, ndi.generate_binary_structure(3, 1))
+    interior = erosion(lesion[box], ndi.generate_binary_structure(3, 1))
     seeds = inside & interior & (t1 < pg.mode - float(cfg["blackhole_gm_z"]) * pg.sigma_low)
     if not seeds.any():
         return out
