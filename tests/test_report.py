@@ -406,6 +406,8 @@ def test_methods_say_how_visits_without_flair_were_segmented(result):
         return " ".join(p["text"] for p in methods_paragraphs(res))
 
     assert "imputed" not in text(result) and "No visit had FLAIR" not in text(result)
+    # the lesion parts' definitions, with the names of their settings
+    assert "darker than the grey-matter peak by blackhole_gm_z" in text(result)
     prov = dict(result.provenance, flair_imputed_from={"ses-02": "ses-01"})
     t = text(dataclasses.replace(result, provenance=prov))
     assert "ses-02 was segmented with a FLAIR imputed from ses-01" in t

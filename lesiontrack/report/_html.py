@@ -22,7 +22,10 @@ _STEPS = (  # config section -> what the step does (the methods text)
                    "appearing white-matter peak within a brain mask, with tissue priors from the "
                    "MNI152 templates"),
     ("segment", "T2/FLAIR lesions, diffusion restriction, T1 black holes and gadolinium "
-                "enhancement were segmented at every visit"),
+                "enhancement were segmented at every visit; within the lesions, restricted "
+                "diffusion (ADC below adc_max_restricted, bright on b1000) and black holes (T1w "
+                "darker than the grey-matter peak by blackhole_gm_z half-widths) were grown from "
+                "such voxels to their partial-volume edge"),
     ("track", "Lesions were matched across visits to give each one identity, and classified per "
               "interval as new, enlarging, stable, shrinking or resolved: a change had to exceed "
               "each lesion's minimum detectable change and, with images at both visits, be "
