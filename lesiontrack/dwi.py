@@ -5,9 +5,20 @@ signal against the b-value, voxelwise and vectorised:
 ``log S(b) = log S0 - b * ADC``. The trace signal of a shell is the geometric
 mean of its directions (the mean of the logarithms), which cancels the
 diffusion anisotropy to first order.
+
+Only b=0 and the shells up to ``adc_fit_b_max`` (1500 s/mm^2) enter the fit: the
+clinical ADC is that of b=0 and b=1000, on which the restricted-diffusion levels are
+defined. Brain tissue's signal decays more slowly than one exponential at higher
+b-values (diffusional kurtosis; Jensen et al. 2005, Magn Reson Med 53:1432), so a fit
+through b=2000-3000 shells of a research protocol would lower every ADC, normal white
+matter's below the restricted level (0.8e-3 with a kurtosis of 1 fits as 0.48e-3
+over b = 0-3000). Ready ADC maps are read in whatever unit they are stored in
+(mm^2/s, 1e-3 mm^2/s, 1e-6 mm^2/s as scanners often write them, m^2/s):
+:func:`adc_unit_scale` finds it from the map's own values.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +26,9 @@ import numpy as np
 
 from .image import Image
 
-__all__ = ["DWIMaps", "DWIError", "read_bvals_bvecs", "fit_dwi"]
+__all__ = ["DWIMaps", "DWIError", "read_bvals_bvecs", "fit_dwi", "adc_unit_scale"]
+
+log = logging.getLogger("lesiontrack")
 
 
 class DWIError(ValueError):
@@ -31,14 +44,17 @@ class DWIMaps:
     b0 : Image
         Mean of the b=0 volumes (used to register the series).
     b1000 : Image
-        Mean of the volumes of the highest shell (the trace-weighted image).
+        Mean of the volumes of the highest shell fitted (the trace-weighted image).
     adc : Image
         Apparent diffusion coefficient in mm^2/s.
+    b_fitted : tuple of float
+        Mean b-value (s/mm^2) of each shell the ADC was fitted on, b=0 first.
     """
 
     b0: Image
     b1000: Image
     adc: Image
+    b_fitted: tuple = ()
 
 
 def _read_numbers(path: Path, what: str) -> np.ndarray:
@@ -118,12 +134,15 @@ def fit_dwi(dwi: Image, bvals, bvecs, cfg: dict) -> DWIMaps:
     cfg : dict
         ``load_config()["segment"]``; uses ``dwi_b0_max`` (s/mm^2: b-values at or
         below count as b=0), ``dwi_shell_tolerance`` (s/mm^2: b-values this close
-        form one shell) and ``adc_max`` (mm^2/s, upper clip of the fit).
+        form one shell), ``adc_fit_b_max`` (s/mm^2: shells above it are left out of
+        the fit) and ``adc_max`` (mm^2/s, upper clip of the fit).
 
     Returns
     -------
     DWIMaps
-        ``b0``, ``b1000`` and ``adc`` (mm^2/s) on the native DWI grid, float32.
+        ``b0``, ``b1000`` (the highest shell fitted) and ``adc`` (mm^2/s) on the native
+        DWI grid, float32. A series whose every shell lies above ``adc_fit_b_max`` is
+        fitted on its lowest shell, with a warning.
     """
     if dwi.data.ndim != 4:
         raise DWIError(f"{dwi.source}: fit_dwi needs a 4D series, got shape {dwi.shape}")
@@ -142,18 +161,29 @@ def fit_dwi(dwi: Image, bvals, bvecs, cfg: dict) -> DWIMaps:
     b_dw = np.sort(np.unique(bvals[~is_b0]))
     edges = b_dw[np.r_[True, np.diff(b_dw) > tol]]
     shell_of = np.where(is_b0, -1, np.searchsorted(edges, bvals, side="right") - 1)
+    b_shell = np.array([bvals[shell_of == k].mean() for k in range(len(edges))])
+    fit = b_shell <= float(cfg["adc_fit_b_max"])
+    if not fit.any():
+        fit[0] = True
+        log.warning("%s: every diffusion-weighted shell lies above adc_fit_b_max=%g s/mm^2; the "
+                    "ADC is fitted on the lowest (b=%g) and lies below the clinical b=1000 ADC that "
+                    "the restricted-diffusion level assumes", dwi.source, float(cfg["adc_fit_b_max"]),
+                    b_shell[0])
+    elif not fit.all():
+        log.info("%s: ADC fitted on b=0 and b=%s s/mm^2; shells b=%s above adc_fit_b_max are left out",
+                 dwi.source, ", ".join(f"{b:g}" for b in b_shell[fit]),
+                 ", ".join(f"{b:g}" for b in b_shell[~fit]))
     data = np.asarray(dwi.data, dtype=np.float32)
     eps = np.float32(1e-6)
     b0 = data[..., is_b0].mean(axis=-1)
-    top = shell_of == shell_of.max()
+    top = shell_of == np.flatnonzero(fit).max()
     b_hi = data[..., top].mean(axis=-1)
-    # log-linear least squares over b=0 and every shell (trace = geometric mean)
+    # log-linear least squares over b=0 and the fitted shells (trace = geometric mean)
     logs = [np.log(np.maximum(b0, eps))]
     bs = [0.0]
-    for s in range(len(edges)):                       # loop over shells, not voxels
-        sel = shell_of == s
-        logs.append(np.log(np.maximum(data[..., sel], eps)).mean(axis=-1))
-        bs.append(float(bvals[sel].mean()))
+    for s in np.flatnonzero(fit):                     # loop over shells, not voxels
+        logs.append(np.log(np.maximum(data[..., shell_of == s], eps)).mean(axis=-1))
+        bs.append(float(b_shell[s]))
     bs = np.asarray(bs, dtype=np.float32)
     bc = bs - bs.mean()
     lmean = sum(logs) / len(logs)
@@ -162,4 +192,45 @@ def fit_dwi(dwi: Image, bvals, bvecs, cfg: dict) -> DWIMaps:
     adc[(b0 <= eps) | ~np.isfinite(adc)] = 0.0
     return DWIMaps(b0=Image(b0, dwi.affine, source=dwi.source),
                    b1000=Image(b_hi.astype(np.float32), dwi.affine, source=dwi.source),
-                   adc=Image(adc, dwi.affine, source=dwi.source))
+                   adc=Image(adc, dwi.affine, source=dwi.source),
+                   b_fitted=tuple(float(b) for b in bs))
+
+
+# ADC units and the median brain ADC (about 0.7-1.2e-3 mm^2/s, CSF included) in them
+_ADC_UNITS = (("mm^2/s", 1.0, (1e-4, 1e-2)), ("1e-3 mm^2/s", 1e-3, (0.1, 10.0)),
+              ("1e-6 mm^2/s", 1e-6, (100.0, 1e4)), ("m^2/s", 1e6, (1e-10, 1e-8)))
+
+
+def adc_unit_scale(adc: Image) -> tuple[float, str]:
+    """The factor that turns a ready ADC map into mm^2/s, from its own values.
+
+    Scanners and toolboxes store ADC in mm^2/s, in 1e-3 mm^2/s (um^2/ms), in
+    1e-6 mm^2/s (integers such as 800 for 0.8e-3 mm^2/s) or in m^2/s. These differ by
+    factors of 1000, while the median ADC of the positive voxels of a head (brain tissue
+    0.7-0.9e-3 mm^2/s, CSF 3e-3) lies within a factor of ten of 1e-3 mm^2/s whatever the
+    coverage, so the median tells the unit apart.
+
+    Returns
+    -------
+    scale : float
+        Multiply the map by this to get mm^2/s.
+    unit : str
+        The unit found.
+
+    Raises
+    ------
+    DWIError
+        The map has no positive voxel, or its median fits none of the units; the message
+        names the file.
+    """
+    a = np.asarray(adc.data)
+    pos = a[np.isfinite(a) & (a > 0)]
+    if pos.size == 0:
+        raise DWIError(f"{adc.source}: the ADC map has no positive value")
+    med = float(np.median(pos))
+    for unit, scale, (lo, hi) in _ADC_UNITS:
+        if lo <= med < hi:
+            return scale, unit
+    raise DWIError(f"{adc.source}: median positive ADC {med:g} fits no known unit (brain ADC is "
+                   "about 0.8e-3 mm^2/s: expected a median of 1e-4 to 1e-2 in mm^2/s, 0.1-10 in "
+                   "1e-3 mm^2/s, 100-10000 in 1e-6 mm^2/s, or 1e-10 to 1e-8 in m^2/s)")

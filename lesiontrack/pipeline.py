@@ -84,9 +84,10 @@ def _step(progress, name, i, n):
 
 
 # --------------------------------------------------------------------------- loading
-def _load_session(si: bids.SessionInputs, cfg) -> tuple[dict, dict, dict]:
-    """Native images of one session (3D each; ``dwi`` = b=0 mean), its DWI maps, and the
-    images' grids as stored in their files.
+def _load_session(si: bids.SessionInputs, cfg) -> tuple[dict, dict, dict, dict]:
+    """Native images of one session (3D each; ``dwi`` = b=0 mean), its DWI maps, the
+    images' grids as stored in their files, and how the ADC was obtained (for the
+    provenance: the b-values fitted, or a ready map's unit).
 
     The images and maps are conformed to the storage order closest to RAS+
     (:func:`~lesiontrack.image.as_closest_ras`), so that results do not depend on the
@@ -95,7 +96,7 @@ def _load_session(si: bids.SessionInputs, cfg) -> tuple[dict, dict, dict]:
     """
     from . import dwi as dwi_mod
 
-    images, dwimaps, grids = {}, {}, {}
+    images, dwimaps, grids, adc_info = {}, {}, {}, {}
 
     def load(mod, path, ndim):
         img = load_image(path, ndim=ndim)
@@ -120,11 +121,17 @@ def _load_session(si: bids.SessionInputs, cfg) -> tuple[dict, dict, dict]:
             maps = dwi_mod.fit_dwi(series, bvals, bvecs, cfg["segment"])
             images["dwi"] = maps.b0
             dwimaps = {"b1000": maps.b1000, "ADC": maps.adc}
+            adc_info = {"fitted_b_values": list(maps.b_fitted)}
     if "dwi" not in images and "ADC" in si.files:
         adc = load("dwi", si.files["ADC"], 3)
+        scale, unit = dwi_mod.adc_unit_scale(adc)
+        if scale != 1.0:
+            log.info("%s: ADC stored in %s; converted to mm^2/s", si.files["ADC"], unit)
+            adc = Image((np.asarray(adc.data, np.float32) * np.float32(scale)), adc.affine, False, adc.source)
         images["dwi"] = adc
         dwimaps = {"ADC": adc}
-    return images, dwimaps, grids
+        adc_info = {"ready_map_unit": unit}
+    return images, dwimaps, grids, adc_info
 
 
 def _grid_only(img: Image) -> Image:
@@ -202,9 +209,10 @@ def run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None, prog
     sids = [s.session_id for s in kept]
     # sessions read side by side (decompression and the DWI fit release the GIL)
     loaded = parallel_map(lambda si: _load_session(si, cfg), kept)
-    native = {si.session_id: imgs for si, (imgs, _, _) in zip(kept, loaded)}
-    dwimaps = {si.session_id: maps for si, (_, maps, _) in zip(kept, loaded)}
-    file_grids = {si.session_id: grids for si, (_, _, grids) in zip(kept, loaded)}
+    native = {si.session_id: imgs for si, (imgs, _, _, _) in zip(kept, loaded)}
+    dwimaps = {si.session_id: maps for si, (_, maps, _, _) in zip(kept, loaded)}
+    file_grids = {si.session_id: grids for si, (_, _, grids, _) in zip(kept, loaded)}
+    adc_info = {si.session_id: info for si, (_, _, _, info) in zip(kept, loaded) if info}
     del loaded
     ext_masks = _external_masks(lesion_mask_dir, subject, kept)
     timing["load_s"] = time.perf_counter() - t_start
@@ -395,6 +403,7 @@ def run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None, prog
         "brain_unobserved_fraction": {sid: round(f, 4) for sid, f in observed.missed.items()},
         "flair_imputed_from": imputed,
         "t2w_imputed_from": t2w_imputed,
+        "adc": adc_info,
         "external_lesion_masks": str(lesion_mask_dir) if lesion_mask_dir else None,
         "timing": timing,
     }

@@ -161,7 +161,7 @@ def test_dwi_without_bval_only_removes_the_diffusion_measures(tiny):
 
     (tiny / "sub-01" / "ses-02" / "dwi" / "sub-01_ses-02_dwi.bval").unlink()
     si = bids.find_sessions(tiny, "01")[1]
-    images, dwimaps, _ = pipeline._load_session(si, load_config())
+    images, dwimaps, _, _ = pipeline._load_session(si, load_config())
     assert {"FLAIR", "T2w", "T1w"} <= set(images)
     assert "ADC" not in dwimaps and "dwi" not in images
 

@@ -258,7 +258,9 @@ def test_results_do_not_depend_on_the_files_storage_order(tmp_path):
 def test_ready_adc_maps_in_another_storage_order(tmp_path):
     """Sessions with a ready ``_ADC`` map instead of a diffusion series, stored PRS: the
     diffusion-restriction measures are made and the written transform maps the subject
-    space into the ADC file as SimpleITK reads it (the native grid is the file's own)."""
+    space into the ADC file as SimpleITK reads it (the native grid is the file's own).
+    The first visit's map is stored as scanners often write it, in 1e-6 mm^2/s integers:
+    it is read in mm^2/s."""
     import shutil
 
     from lesiontrack import dwi, pipeline
@@ -274,14 +276,21 @@ def test_ready_adc_maps_in_another_storage_order(tmp_path):
         bvals, bvecs = dwi.read_bvals_bvecs(d / f"sub-01_ses-{ses}_dwi.bval", d / f"sub-01_ses-{ses}_dwi.bvec",
                                             series.shape[3], b0_max=cfg["segment"]["dwi_b0_max"])
         adc = dwi.fit_dwi(series, bvals, bvecs, cfg["segment"]).adc
-        img = nib.Nifti1Image(adc.data.astype(np.float32), adc.affine).as_reoriented(
+        data = np.round(adc.data * 1e6).astype(np.int16) if ses == "01" else adc.data.astype(np.float32)
+        img = nib.Nifti1Image(data, adc.affine).as_reoriented(
             np.array([[1, -1], [0, -1], [2, 1]]))
         nib.save(img, d / f"sub-01_ses-{ses}_ADC.nii.gz")
         for f in d.glob("*_dwi.*"):
             f.unlink()
     out = tmp_path / "out"
     res = pipeline.run_subject(bids_dir, "01", out, cfg, write_report=False)
-    assert (res.sessions["restricted_volume_mm3"] > 0).any()
+    assert (res.sessions["restricted_volume_mm3"] > 0).all()      # the truth has some at both
+    assert res.provenance["adc"] == {"ses-01": {"ready_map_unit": "1e-6 mm^2/s"},
+                                     "ses-02": {"ready_map_unit": "mm^2/s"}}
+    for ses in ("01", "02"):
+        pre = nib.load(out / "sub-01" / f"ses-{ses}" / "dwi" /
+                       f"sub-01_ses-{ses}_space-individual_desc-preproc_ADC.nii.gz").get_fdata()
+        assert 0.5e-3 < np.median(pre[pre > 0]) < 1.5e-3, ses
     o = out / "sub-01" / "ses-02" / "dwi"
     ref = sitk.ReadImage(str(o / "sub-01_ses-02_space-individual_desc-preproc_ADC.nii.gz"), sitk.sitkFloat32)
     mov = sitk.ReadImage(str(bids_dir / "sub-01" / "ses-02" / "dwi" / "sub-01_ses-02_ADC.nii.gz"), sitk.sitkFloat32)

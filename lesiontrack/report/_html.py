@@ -23,7 +23,8 @@ _STEPS = (  # config section -> what the step does (the methods text)
                    "MNI152 templates"),
     ("segment", "T2/FLAIR lesions, diffusion restriction, T1 black holes and gadolinium "
                 "enhancement were segmented at every visit; within the lesions, restricted "
-                "diffusion (ADC below adc_max_restricted, bright on b1000) and black holes (T1w "
+                "diffusion (ADC, fitted on b-values up to adc_fit_b_max, below adc_max_restricted, "
+                "bright on b1000) and black holes (T1w "
                 "darker than the grey-matter peak by blackhole_gm_z half-widths) were grown from "
                 "such voxels to their partial-volume edge"),
     ("track", "Lesions were matched across visits to give each one identity, and classified per "
