@@ -14,7 +14,7 @@ from ._io import write_json, write_tsv
 __all__ = [
     "BIDSError", "SessionInputs", "find_subjects", "find_sessions", "read_sessions_tsv",
     "check_subject", "check_output_dir", "deriv_path", "write_dataset_description",
-    "write_run_status", "MODALITY_FILES",
+    "write_run_status", "MODALITY_FILES", "INPUT_ENTITIES",
 ]
 
 
@@ -32,6 +32,15 @@ MODALITY_FILES = {
     "ADC": ("dwi", "ADC.nii.gz"),
 }
 
+# The entities that may stand between the session and the suffix of an input file
+# (BIDS: acquisition, contrast agent, reconstruction, run, phase-encoding direction),
+# and the suffix each modality is found by; a contrast-enhanced T1w is a T1w with a
+# ``ce-<label>`` entity, whatever its label.
+INPUT_ENTITIES = ("acq", "ce", "rec", "run", "dir")
+_SUFFIX = {"FLAIR": "FLAIR", "T2w": "T2w", "T1w": "T1w", "ceT1w": "T1w", "dwi": "dwi", "ADC": "ADC"}
+_NAME = re.compile(r"^sub-(?P<sub>[a-zA-Z0-9]+)(?:_ses-(?P<ses>[a-zA-Z0-9]+))?"
+                   r"(?P<ents>(?:_[a-zA-Z]+-[a-zA-Z0-9]+)*)_(?P<suffix>[a-zA-Z0-9]+)\.nii(?:\.gz)?$")
+
 
 @dataclass
 class SessionInputs:
@@ -42,6 +51,18 @@ class SessionInputs:
     files: dict = field(default_factory=dict)
     bval: Path | None = None
     bvec: Path | None = None
+    notes: list = field(default_factory=list)     # choices among several candidate files
+    folder: Path | None = None                    # the session's folder
+
+    def unused_images(self) -> list[str]:
+        """Names of the NIfTI files in the session's ``anat/`` and ``dwi/`` folders that
+        are no input (another subject or session label, a suffix or entity not read)."""
+        if self.folder is None:
+            return []
+        used = set(self.files.values())
+        return sorted(p.name for dt in ("anat", "dwi") if (self.folder / dt).is_dir()
+                      for p in (self.folder / dt).iterdir()
+                      if p.name.endswith((".nii", ".nii.gz")) and p not in used)
 
     @property
     def session_id(self) -> str:
@@ -95,17 +116,72 @@ def find_sessions(bids_dir, subject, session_labels=None) -> list[SessionInputs]
         if session_labels and ses not in [_label(s, "ses-") for s in session_labels]:
             continue
         prefix = f"sub-{subject}_ses-{ses}_" if d != sdir else f"sub-{subject}_"
-        si = SessionInputs(subject, ses)
+        si = SessionInputs(subject, ses, folder=d)
         for mod, (dtype, tail) in MODALITY_FILES.items():
-            p = d / dtype / (prefix + tail)
-            if p.exists():
-                si.files[mod] = p
+            exact = d / dtype / (prefix + tail)
+            cands = _candidates(d / dtype, subject, None if d == sdir else ses, mod)
+            if exact.is_file() and exact not in cands:      # labels outside BIDS' alphabet
+                cands = sorted(cands + [exact])
+            if cands:
+                si.files[mod], note = _choose(cands, exact, mod)
+                if note:
+                    si.notes.append(note)
         if "dwi" in si.files:
-            base = str(si.files["dwi"])[: -len(".nii.gz")]
+            base = re.sub(r"\.nii(\.gz)?$", "", str(si.files["dwi"]))
             si.bval = Path(base + ".bval")
             si.bvec = Path(base + ".bvec")
         out.append(si)
     return out
+
+
+def _candidates(folder: Path, subject: str, session: str | None, mod: str) -> list[Path]:
+    """The NIfTI files of ``folder`` that are ``mod`` of this subject and session: the
+    modality's suffix, only :data:`INPUT_ENTITIES` between the labels and the suffix
+    (each at most once), a ``ce-`` entity exactly for ``ceT1w``; ``.nii.gz`` or ``.nii``."""
+    if not folder.is_dir():
+        return []
+    out = []
+    for p in folder.iterdir():
+        m = _NAME.match(p.name)
+        if (m is None or m["sub"] != subject or m["ses"] != session
+                or m["suffix"] != _SUFFIX[mod] or not p.is_file()):
+            continue
+        keys = [e.split("-", 1)[0] for e in m["ents"].split("_")[1:]]
+        if (len(set(keys)) == len(keys) and set(keys) <= set(INPUT_ENTITIES)
+                and ("ce" in keys) == (mod == "ceT1w")):
+            out.append(p)
+    return sorted(out)
+
+
+def _voxel_mm3(path: Path) -> float:
+    import nibabel as nib
+    try:
+        return float(np.prod(nib.load(path).header.get_zooms()[:3]))
+    except Exception:                          # unreadable: the loader names it if chosen
+        return float("inf")
+
+
+def _run(path: Path) -> int:
+    m = re.search(r"_run-(\d+)", path.name)
+    return int(m.group(1)) if m else 0
+
+
+def _choose(cands: list[Path], exact: Path, mod: str) -> tuple[Path, str | None]:
+    """One input among several candidates, and a note naming the choice (None when there
+    was none to make): the file named exactly as the input contract says, else the finest
+    voxels (a 3D FLAIR over a 2D one: more lesion detail), then the last run (a repeat
+    usually replaces a spoilt acquisition), then name order."""
+    if len(cands) == 1:
+        return cands[0], None
+    if exact in cands:
+        chosen = exact
+        why = "the file named as the input contract says"
+    else:
+        sizes = {p: _voxel_mm3(p) for p in cands}
+        chosen = min(cands, key=lambda p: (round(sizes[p], 3), -_run(p), p.name))
+        why = "the finest voxels, then the last run"
+    others = ", ".join(p.name for p in cands if p != chosen)
+    return chosen, f"{mod}: several candidate files; {chosen} is used ({why}); not used: {others}"
 
 
 def read_sessions_tsv(bids_dir, subject, sessions: list[SessionInputs] | None = None) -> pd.DataFrame:
@@ -174,11 +250,15 @@ def check_subject(bids_dir, subject, session_labels=None) -> list[str]:
         return [f"sub-{_label(subject, 'sub-')}: no sessions found"]
     for s in sessions:
         if s.reference is None:
+            unused = s.unused_images()
             problems.append(f"sub-{s.subject} {s.session_id}: neither FLAIR nor T2w found "
-                            f"(expected e.g. {Path(bids_dir) / f'sub-{s.subject}' / s.session_id / 'anat' / f'sub-{s.subject}_{s.session_id}_FLAIR.nii.gz'}); this session is skipped")
+                            f"(expected e.g. {Path(bids_dir) / f'sub-{s.subject}' / s.session_id / 'anat' / f'sub-{s.subject}_{s.session_id}_FLAIR.nii.gz'}"
+                            + (f"; images there not read: {', '.join(unused)}" if unused else "")
+                            + "); this session is skipped")
         for mod, p in s.files.items():
             if p.stat().st_size == 0:
                 problems.append(f"{p}: file is empty")
+        problems.extend(f"sub-{s.subject} {s.session_id}: {note}" for note in s.notes)
         if "dwi" in s.files and not (s.bval.exists() and s.bvec.exists()) and "ADC" not in s.files:
             problems.append(f"{s.files['dwi']}: missing .bval/.bvec beside it; diffusion measures are skipped")
     try:

@@ -196,11 +196,16 @@ def run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None, prog
     kept = []
     for si in sessions:
         if si.reference is None:
-            msg = f"{si.session_id}: neither FLAIR nor T2w found; session skipped"
+            unused = si.unused_images()
+            msg = (f"{si.session_id}: neither FLAIR nor T2w found"
+                   + (f" (images there not read: {', '.join(unused)})" if unused else "")
+                   + "; session skipped")
             log.warning("sub-%s %s", subject, msg)
             skipped.append(msg)
         else:
             kept.append(si)
+            for note in si.notes:
+                log.warning("sub-%s %s: %s", subject, si.session_id, note)
     if not kept:
         raise PipelineError(f"sub-{subject}: no session has a FLAIR or T2w image")
     sessions_df = bids.read_sessions_tsv(bids_dir, subject, kept)
@@ -403,6 +408,7 @@ def run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None, prog
         "brain_unobserved_fraction": {sid: round(f, 4) for sid, f in observed.missed.items()},
         "flair_imputed_from": imputed,
         "t2w_imputed_from": t2w_imputed,
+        "inputs": {si.session_id: {mod: str(path) for mod, path in si.files.items()} for si in kept},
         "adc": adc_info,
         "external_lesion_masks": str(lesion_mask_dir) if lesion_mask_dir else None,
         "timing": timing,

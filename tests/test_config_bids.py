@@ -65,6 +65,66 @@ def test_find_sessions_and_sessions_tsv(tmp_path):
     assert df["edss"].iloc[1] == 3.5 and pd.isna(df["edss"].iloc[2])
 
 
+def _nii(p: Path, zooms):
+    import nibabel as nib
+    import numpy as np
+    p.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), np.diag(list(zooms) + [1.0])), p)
+
+
+def test_inputs_with_bids_entities_and_uncompressed_files(tmp_path):
+    """Real BIDS datasets name their scans with acq-, rec-, run- and dir- entities, any
+    ce- label and .nii files: those are inputs too; a phase image, another session's file
+    or an unknown entity is not."""
+    b = tmp_path / "bids"
+    a = b / "sub-01/ses-01/anat"
+    _touch(a / "sub-01_ses-01_acq-3D_FLAIR.nii")
+    _touch(a / "sub-01_ses-01_rec-norm_run-2_T2w.nii.gz")
+    _touch(a / "sub-01_ses-01_acq-mprage_T1w.nii.gz")
+    _touch(a / "sub-01_ses-01_acq-mprage_ce-Gd_T1w.nii.gz")
+    _touch(a / "sub-01_ses-01_part-phase_T2w.nii.gz")          # a phase image
+    _touch(a / "sub-01_ses-02_FLAIR.nii.gz")                   # another session's
+    _touch(b / "sub-01/ses-01/dwi/sub-01_ses-01_dir-AP_dwi.nii")
+    _touch(b / "sub-01/ses-01/dwi/sub-01_ses-01_dir-AP_dwi.bval")
+    _touch(b / "sub-01/ses-01/dwi/sub-01_ses-01_dir-AP_dwi.bvec")
+    (si,) = bids.find_sessions(b, "01")
+    assert {m: p.name for m, p in si.files.items()} == {
+        "FLAIR": "sub-01_ses-01_acq-3D_FLAIR.nii", "T2w": "sub-01_ses-01_rec-norm_run-2_T2w.nii.gz",
+        "T1w": "sub-01_ses-01_acq-mprage_T1w.nii.gz", "ceT1w": "sub-01_ses-01_acq-mprage_ce-Gd_T1w.nii.gz",
+        "dwi": "sub-01_ses-01_dir-AP_dwi.nii"}
+    assert si.bval.name == "sub-01_ses-01_dir-AP_dwi.bval" and si.bval.exists() and si.bvec.exists()
+    assert si.notes == [] and bids.check_subject(b, "01") == []
+    assert si.unused_images() == ["sub-01_ses-01_part-phase_T2w.nii.gz", "sub-01_ses-02_FLAIR.nii.gz"]
+
+
+def test_several_candidates_choose_the_contract_name_then_finest_then_last_run(tmp_path):
+    b = tmp_path / "bids"
+    a = b / "sub-01/ses-01/anat"
+    _nii(a / "sub-01_ses-01_acq-2D_FLAIR.nii.gz", (0.7, 0.7, 3.0))
+    _nii(a / "sub-01_ses-01_acq-3D_FLAIR.nii.gz", (1.0, 1.0, 1.0))
+    _nii(a / "sub-01_ses-01_run-1_T2w.nii.gz", (1.0, 1.0, 3.0))
+    _nii(a / "sub-01_ses-01_run-2_T2w.nii.gz", (1.0, 1.0, 3.0))
+    _nii(a / "sub-01_ses-01_T1w.nii.gz", (1.0, 1.0, 1.0))
+    _nii(a / "sub-01_ses-01_acq-fast_T1w.nii.gz", (0.5, 0.5, 0.5))
+    (si,) = bids.find_sessions(b, "01")
+    assert si.files["FLAIR"].name == "sub-01_ses-01_acq-3D_FLAIR.nii.gz"     # 1 mm³ < 1.47 mm³
+    assert si.files["T2w"].name == "sub-01_ses-01_run-2_T2w.nii.gz"          # the repeat
+    assert si.files["T1w"].name == "sub-01_ses-01_T1w.nii.gz"                # the contract's name
+    problems = bids.check_subject(b, "01")
+    assert len(problems) == 3 and all("several candidate files" in p for p in problems)
+    assert any("not used: sub-01_ses-01_acq-2D_FLAIR.nii.gz" in p for p in problems)
+
+
+def test_session_without_reference_names_the_images_not_read(tmp_path):
+    b = tmp_path / "bids"
+    _touch(b / "sub-01/ses-01/anat/sub-01_ses-01_FLAIR.nii.gz")
+    _touch(b / "sub-01/ses-02/anat/sub-01_ses-01_FLAIR.nii.gz")     # copied, not renamed
+    _touch(b / "sub-01/ses-02/anat/flair.nii.gz")
+    problems = bids.check_subject(b, "01")
+    assert len(problems) == 1 and "ses-02: neither FLAIR nor T2w found" in problems[0]
+    assert "images there not read: flair.nii.gz, sub-01_ses-01_FLAIR.nii.gz" in problems[0]
+
+
 def test_bad_acq_time_and_missing_sessions_tsv(tmp_path):
     b = tmp_path / "bids"
     _touch(b / "sub-01/ses-01/anat/sub-01_ses-01_FLAIR.nii.gz")

@@ -299,3 +299,42 @@ def test_ready_adc_maps_in_another_storage_order(tmp_path):
     r = sitk.GetArrayFromImage(sitk.Resample(mov, ref, t, sitk.sitkLinear, 0.0))
     m = (a > 0) & (r > 0)
     assert m.sum() > 10000 and np.corrcoef(a[m], r[m])[0, 1] > 0.99
+
+
+def test_inputs_named_with_bids_entities_load_as_the_contract_names(tmp_path):
+    """The bundled visit renamed as real BIDS datasets name their scans (acq-, ce-Gd,
+    dir-, uncompressed .nii): the same images and diffusion maps are read."""
+    import gzip
+    import shutil
+
+    from lesiontrack import pipeline
+    from lesiontrack.config import load_config
+
+    src = BIDS / "sub-01" / "ses-01"
+    dst = tmp_path / "bids" / "sub-01" / "ses-01"
+    names = {"anat/sub-01_ses-01_FLAIR.nii.gz": "anat/sub-01_ses-01_acq-3D_FLAIR.nii",
+             "anat/sub-01_ses-01_T2w.nii.gz": "anat/sub-01_ses-01_run-1_T2w.nii.gz",
+             "anat/sub-01_ses-01_T1w.nii.gz": "anat/sub-01_ses-01_acq-mprage_T1w.nii.gz",
+             "anat/sub-01_ses-01_ce-gadolinium_T1w.nii.gz": "anat/sub-01_ses-01_acq-mprage_ce-Gd_T1w.nii.gz",
+             "dwi/sub-01_ses-01_dwi.nii.gz": "dwi/sub-01_ses-01_dir-AP_dwi.nii",
+             "dwi/sub-01_ses-01_dwi.bval": "dwi/sub-01_ses-01_dir-AP_dwi.bval",
+             "dwi/sub-01_ses-01_dwi.bvec": "dwi/sub-01_ses-01_dir-AP_dwi.bvec"}
+    for a, b in names.items():
+        (dst / b).parent.mkdir(parents=True, exist_ok=True)
+        if b.endswith(".nii"):
+            with gzip.open(src / a, "rb") as fi, open(dst / b, "wb") as fo:
+                shutil.copyfileobj(fi, fo)
+        else:
+            shutil.copy(src / a, dst / b)
+    cfg = load_config()
+    (ref,) = bids.find_sessions(BIDS, "01", ["01"])
+    (new,) = bids.find_sessions(tmp_path / "bids", "01")
+    assert {m: str(p.relative_to(dst)) for m, p in new.files.items()} == {
+        m: names[str(p.relative_to(src))] for m, p in ref.files.items()}
+    imgs_a, maps_a, _, _ = pipeline._load_session(ref, cfg)
+    imgs_b, maps_b, _, _ = pipeline._load_session(new, cfg)
+    assert set(imgs_a) == set(imgs_b) == {"FLAIR", "T2w", "T1w", "ceT1w", "dwi"} and set(maps_b) == {"b1000", "ADC"}
+    for k in imgs_a:
+        np.testing.assert_array_equal(imgs_a[k].data, imgs_b[k].data)
+        np.testing.assert_allclose(imgs_a[k].affine, imgs_b[k].affine)
+    np.testing.assert_array_equal(maps_a["ADC"].data, maps_b["ADC"].data)
