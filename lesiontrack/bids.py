@@ -14,7 +14,7 @@ from ._io import write_json, write_tsv
 __all__ = [
     "BIDSError", "SessionInputs", "find_subjects", "find_sessions", "read_sessions_tsv",
     "check_subject", "check_output_dir", "deriv_path", "write_dataset_description",
-    "write_run_status", "MODALITY_FILES", "INPUT_ENTITIES",
+    "write_run_status", "MODALITY_FILES", "INPUT_ENTITIES", "raw_uri",
 ]
 
 
@@ -307,7 +307,11 @@ def deriv_path(output_dir, subject, session=None, datatype="anat", *, space=None
     return folder / name
 
 
-def write_dataset_description(output_dir) -> Path:
+def write_dataset_description(output_dir, bids_dir=None) -> Path:
+    """The derivatives' ``dataset_description.json`` and the dataset-level look-up tables.
+
+    With ``bids_dir``, ``DatasetLinks`` names it ``raw``: the images' sidecars give their
+    ``Sources`` as BIDS URIs into it (``bids:raw:sub-01/ses-01/anat/...``)."""
     desc = {
         "Name": "lesiontrack derivatives",
         "BIDSVersion": "1.9.0",
@@ -315,6 +319,8 @@ def write_dataset_description(output_dir) -> Path:
         "GeneratedBy": [{"Name": "lesiontrack", "Version": __version__,
                          "CodeURL": "https://github.com/lesiontrack/lesiontrack"}],
     }
+    if bids_dir is not None:
+        desc["DatasetLinks"] = {"raw": str(Path(bids_dir).resolve())}
     out = Path(output_dir)
     write_json(out / "dataset_description.json", desc)
     write_tsv(out / "desc-lesions_dseg.tsv",
@@ -340,6 +346,14 @@ _SUB_RE = re.compile(r"^[A-Za-z0-9]+$")
 
 def valid_label(label: str) -> bool:
     return bool(_SUB_RE.match(label))
+
+
+def raw_uri(bids_dir, path) -> str:
+    """``path`` (an input file) as a BIDS URI into the dataset linked as ``raw``."""
+    try:
+        return "bids:raw:" + Path(path).resolve().relative_to(Path(bids_dir).resolve()).as_posix()
+    except ValueError:
+        return Path(path).resolve().as_uri()
 
 
 def sidecar(path, columns: dict) -> Path:

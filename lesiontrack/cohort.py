@@ -196,7 +196,7 @@ def run_participants(bids_dir, output_dir, cfg, *, participant_labels=None, sess
     for s in todo:
         for problem in bids.check_subject(bids_dir, s, sessions):
             show.info(f"input problem: {problem}", warn=True)
-    bids.write_dataset_description(output_dir)
+    bids.write_dataset_description(output_dir, bids_dir)
     for s in subjects:
         if s in rows:
             show.update(rows[s])

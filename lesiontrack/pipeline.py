@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import re
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -559,7 +560,7 @@ def _write_outputs(bids_dir, output_dir, subject, sessions, native, grid, al, ma
 
     out = Path(output_dir)
     written: list[Path] = []
-    bids.write_dataset_description(out)
+    bids.write_dataset_description(out, bids_dir)
     save = writer.save   # (the preprocessed images were queued as soon as they existed)
 
     for i, si in enumerate(sessions):
@@ -605,6 +606,8 @@ def _write_outputs(bids_dir, output_dir, subject, sessions, native, grid, al, ma
     save(grid.with_data(brain_mask.astype(np.uint8), is_label=True),
          sdir / "anat" / f"sub-{subject}_space-individual_desc-brain_mask.nii.gz")
     written.extend(writer.wait())   # every queued image; re-raises the first failed write
+    written.extend(_image_sidecars(bids_dir, subject, sessions,
+                                   [p for p in written if str(p).endswith(".nii.gz")]))
     tables = (
         (sdir / f"sub-{subject}_desc-lesions_stats.tsv", lesions_df, quantify.LESION_COLUMNS),
         (sdir / f"sub-{subject}_desc-sessions_stats.tsv", sessions_stats, quantify.SESSION_COLUMNS),
@@ -616,6 +619,75 @@ def _write_outputs(bids_dir, output_dir, subject, sessions, native, grid, al, ma
                 for c in df.columns}
         written.append(bids.sidecar(path, side))
     return [str(Path(p).relative_to(out)) for p in written]
+
+
+_IMAGE_NAME = re.compile(r"^sub-[^_]+(?:_ses-(?P<ses>[^_]+))?(?:_ce-(?P<ce>[^_]+))?(?:_space-(?P<space>[^_]+))?"
+                         r"(?:_label-(?P<label>[^_]+))?(?:_desc-(?P<desc>[^_]+))?_(?P<suffix>[^_.]+)\.nii\.gz$")
+_PREPROC_MODALITY = {("T1w", True): "ceT1w", ("dwi", False): "dwi", ("ADC", False): "ADC"}
+_MASKS = {
+    "lesion": ("Lesion", "T2/FLAIR-hyperintense lesions (1 = lesion)"),
+    "restricted": ("ROI", "lesion parts with restricted diffusion: ADC below adc_max_restricted and bright "
+                          "on b1000, grown to their partial-volume edge (1 = restricted)"),
+    "blackhole": ("ROI", "T1 black holes: lesion parts T1w-darker than the grey-matter peak by "
+                         "blackhole_gm_z half-widths, grown to their partial-volume edge (1 = black hole)"),
+    "enhancing": ("ROI", "gadolinium-enhancing lesion parts: ceT1w - T1w above its normal-appearing white-"
+                         "matter distribution by enhancing_z SDs (1 = enhancing)"),
+    "observed": ("ROI", "the part of the brain this visit's FLAIR/T2w field of view observed (1 = observed)"),
+    "brain": ("Brain", "brain mask of the individual space"),
+}
+
+
+def _image_sidecars(bids_dir, subject, sessions, images) -> list[Path]:
+    """A JSON sidecar for every image written (BIDS-Derivatives): ``Description``,
+    ``Sources`` (BIDS URIs of the input files it was computed from), ``SpatialReference``
+    (the brain mask that defines the individual space, or the native input's file), a
+    mask's ``Type`` and an image's ``Units``."""
+    by_ses = {si.session: si for si in sessions}
+    order = [si.session for si in sessions]
+    brain = f"bids::sub-{subject}/anat/sub-{subject}_space-individual_desc-brain_mask.nii.gz"
+
+    def uris(si, mods=None):
+        return [bids.raw_uri(bids_dir, p) for m, p in si.files.items() if mods is None or m in mods]
+
+    out = []
+    for path in images:
+        path = Path(path)
+        m = _IMAGE_NAME.match(path.name)
+        if m is None:
+            continue
+        si = by_ses.get(m["ses"])
+        kind = m["label"] or m["desc"]
+        meta = {}
+        if m["desc"] == "preproc":
+            mod = _PREPROC_MODALITY.get((m["suffix"], m["ce"] is not None), m["suffix"])
+            mods = {"dwi", "ADC"} if mod in ("dwi", "ADC") else {mod}
+            meta["Description"] = {
+                "ADC": "apparent diffusion coefficient (trace) in the individual space",
+                "dwi": "mean b=0 diffusion image in the individual space (used to register the series)",
+            }.get(mod, f"{mod} in the individual space, bias-field corrected and scaled to the normal-"
+                       "appearing white-matter peak")
+            meta["Units"] = "mm^2/s" if mod == "ADC" else "arbitrary"
+            meta["Sources"] = uris(si, mods)
+        elif m["suffix"] == "mask" and kind in _MASKS:
+            meta["Type"], meta["Description"] = _MASKS[kind]
+            meta["Sources"] = (uris(si) if si is not None
+                               else [u for s in sessions for u in uris(s, {s.reference})])
+        elif m["suffix"] == "dseg" and kind == "lesions":
+            meta["Description"] = ("lesion identities: each value > 0 is one lesion, the same value for the "
+                                   f"same lesion at every session (lesion_id of sub-{subject}_desc-lesions_stats.tsv)")
+            meta["Sources"] = [u for s in sessions for u in uris(s)]
+        elif m["suffix"] == "dseg" and kind == "change":
+            prev = by_ses[order[order.index(m["ses"]) - 1]]
+            meta["Description"] = ("lesion change since the previous session " + prev.session_id
+                                   + ": 1 = became lesion, 2 = stopped being lesion (desc-change_dseg.tsv)")
+            meta["Sources"] = uris(prev) + uris(si)
+        else:
+            continue
+        if kind != "brain":
+            meta["SpatialReference"] = (brain if m["space"] == "individual"
+                                        else bids.raw_uri(bids_dir, si.files[si.reference]))
+        out.append(write_json(path.parent / (path.name[: -len(".nii.gz")] + ".json"), meta))
+    return out
 
 
 _QC_COLUMNS = {

@@ -47,6 +47,40 @@ def test_dataset_level_files(demo_out):
     assert set(SESSION_COLUMNS) <= set(cohort.columns)
 
 
+def test_every_image_has_a_bids_sidecar(demo_out):
+    """BIDS-Derivatives: each image's JSON sidecar names the input files it was computed
+    from (BIDS URIs into the dataset that ``DatasetLinks`` calls ``raw``) and its spatial
+    reference; masks say their type, images their units."""
+    desc = json.loads((demo_out / "dataset_description.json").read_text())
+    raw = Path(desc["DatasetLinks"]["raw"])
+    assert raw == BIDS.resolve()
+
+    def resolve(uri):
+        ds, rel = uri.split(":", 2)[1:]
+        return (raw if ds == "raw" else demo_out) / rel
+
+    images = sorted(demo_out.glob("sub-01/**/*.nii.gz"))
+    assert len(images) > 50
+    for img in images:
+        meta = json.loads(img.with_name(img.name[:-7] + ".json").read_text())
+        assert meta["Description"] and meta["Sources"], img.name
+        assert all(resolve(u).is_file() for u in meta["Sources"]), img.name
+        if "desc-brain" not in img.name:
+            assert resolve(meta["SpatialReference"]).is_file(), img.name
+        if img.name.endswith("_mask.nii.gz"):
+            assert meta["Type"] in ("Lesion", "ROI", "Brain")
+    anat = demo_out / "sub-01" / "ses-02" / "anat"
+    adc = json.loads((demo_out / "sub-01/ses-02/dwi/sub-01_ses-02_space-individual_desc-preproc_ADC.json").read_text())
+    assert adc["Units"] == "mm^2/s" and adc["Sources"] == ["bids:raw:sub-01/ses-02/dwi/sub-01_ses-02_dwi.nii.gz"]
+    ce = json.loads((anat / "sub-01_ses-02_ce-gadolinium_space-individual_desc-preproc_T1w.json").read_text())
+    assert ce["Sources"] == ["bids:raw:sub-01/ses-02/anat/sub-01_ses-02_ce-gadolinium_T1w.nii.gz"]
+    native = json.loads((anat / "sub-01_ses-02_label-lesion_mask.json").read_text())
+    assert native["SpatialReference"] == "bids:raw:sub-01/ses-02/anat/sub-01_ses-02_FLAIR.nii.gz"
+    change = json.loads((anat / "sub-01_ses-02_space-individual_desc-change_dseg.json").read_text())
+    assert "since the previous session ses-01" in change["Description"]
+    assert any("ses-01" in u for u in change["Sources"]) and any("ses-02" in u for u in change["Sources"])
+
+
 def test_every_contract_image(demo_out):
     sessions = _sessions()
     ref_grid = None
