@@ -188,7 +188,8 @@ def read_sessions_tsv(bids_dir, subject, sessions: list[SessionInputs] | None = 
     """``sub-<s>_sessions.tsv`` as a DataFrame sorted by time.
 
     Missing file: the sessions found on disk, in label order, with empty acq_time
-    (a warning is for the caller). An unparseable ``acq_time`` raises
+    (a warning is for the caller). A session without an ``acq_time`` (no table, no
+    column, empty or ``n/a``) takes the earliest ``acq_time`` of its ``scans.tsv``. An unparseable ``acq_time`` raises
     :class:`BIDSError` naming the file, row and value. Sessions listed in the table
     but absent on disk are dropped; sessions on disk but not in the table are
     appended with empty acq_time.
@@ -215,6 +216,14 @@ def read_sessions_tsv(bids_dir, subject, sessions: list[SessionInputs] | None = 
         df = pd.concat([df, pd.DataFrame({"session_id": extra, "acq_time": ""})], ignore_index=True)
     df = df.fillna("")
     txt = df["acq_time"].astype(str).str.strip().replace({"n/a": ""})
+    # a session without a date there: the earliest acq_time of its scans.tsv (what
+    # dcm2bids and HeuDiConv write, often without any sessions.tsv)
+    undated = (txt == "").to_numpy()
+    if undated.any():
+        from_scans = [_scans_acq_time(Path(bids_dir), subject, sid, len(on_disk) == 1 and not
+                                      (Path(bids_dir) / f"sub-{subject}" / sid).is_dir())
+                      if u else "" for sid, u in zip(df["session_id"], undated)]
+        txt = txt.where(~undated, pd.Series(from_scans, index=txt.index))
     parsed = pd.to_datetime(txt.where(txt != ""), errors="coerce", format="ISO8601")
     bad = (txt != "") & parsed.isna()
     if bad.any():
@@ -237,6 +246,23 @@ def read_sessions_tsv(bids_dir, subject, sessions: list[SessionInputs] | None = 
         if df[col].replace({"n/a": ""}).ne("").sum() == num.notna().sum():
             df[col] = num
     return df
+
+
+def _scans_acq_time(bids_dir: Path, subject: str, session_id: str, no_session_folder: bool) -> str:
+    """The earliest valid ``acq_time`` of a session's ``scans.tsv`` ("" when there is none)."""
+    sdir = bids_dir / f"sub-{subject}"
+    path = (sdir / f"sub-{subject}_scans.tsv" if no_session_folder
+            else sdir / session_id / f"sub-{subject}_{session_id}_scans.tsv")
+    if not path.is_file():
+        return ""
+    try:
+        col = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False).get("acq_time")
+    except Exception:                      # unreadable: the session stays undated
+        return ""
+    if col is None:
+        return ""
+    t = pd.to_datetime(col.str.strip().replace({"n/a": ""}), errors="coerce", format="ISO8601").dropna()
+    return t.min().isoformat() if len(t) else ""
 
 
 def check_subject(bids_dir, subject, session_labels=None) -> list[str]:

@@ -125,6 +125,32 @@ def test_session_without_reference_names_the_images_not_read(tmp_path):
     assert "images there not read: flair.nii.gz, sub-01_ses-01_FLAIR.nii.gz" in problems[0]
 
 
+def test_visit_dates_from_scans_tsv(tmp_path):
+    """Datasets converted by dcm2bids or HeuDiConv date their scans in scans.tsv and often
+    have no sessions.tsv: a visit without an acq_time takes its scans' earliest."""
+    b = tmp_path / "bids"
+    for ses, times in (("a", ["2021-03-01T10:20:00", "2021-03-01T10:05:00"]), ("b", ["n/a", "2020-01-05T09:00:00"]),
+                       ("c", ["n/a"])):
+        _touch(b / f"sub-01/ses-{ses}/anat/sub-01_ses-{ses}_FLAIR.nii.gz")
+        rows = "".join(f"anat/f{i}.nii.gz\t{t}\n" for i, t in enumerate(times))
+        _touch(b / f"sub-01/ses-{ses}/sub-01_ses-{ses}_scans.tsv", "filename\tacq_time\n" + rows)
+    df = bids.read_sessions_tsv(b, "01")
+    assert list(df["session_id"]) == ["ses-a", "ses-b", "ses-c"]           # ses-c undated: label order
+    assert list(df["acq_time"]) == ["2021-03-01T10:05:00", "2020-01-05T09:00:00", ""]
+    _touch(b / "sub-01/ses-c/sub-01_ses-c_scans.tsv", "filename\tacq_time\nanat/f.nii.gz\t2022-06-01T08:00:00\n")
+    df = bids.read_sessions_tsv(b, "01")
+    assert list(df["session_id"]) == ["ses-b", "ses-a", "ses-c"]           # every visit dated: time order
+    # sessions.tsv's own date wins; its undated visit takes the scans' date
+    _touch(b / "sub-01/sub-01_sessions.tsv", "session_id\tacq_time\tedss\nses-a\t2019-01-01\t2\nses-b\tn/a\t3\n")
+    df = bids.read_sessions_tsv(b, "01")
+    assert list(df["session_id"]) == ["ses-a", "ses-b", "ses-c"]
+    assert list(df["acq_time"]) == ["2019-01-01", "2020-01-05T09:00:00", "2022-06-01T08:00:00"]
+    # a subject without session folders
+    _touch(b / "sub-02/anat/sub-02_FLAIR.nii.gz")
+    _touch(b / "sub-02/sub-02_scans.tsv", "filename\tacq_time\nanat/sub-02_FLAIR.nii.gz\t2020-02-02T02:02:02\n")
+    assert list(bids.read_sessions_tsv(b, "02")["acq_time"]) == ["2020-02-02T02:02:02"]
+
+
 def test_bad_acq_time_and_missing_sessions_tsv(tmp_path):
     b = tmp_path / "bids"
     _touch(b / "sub-01/ses-01/anat/sub-01_ses-01_FLAIR.nii.gz")
