@@ -4,9 +4,9 @@
 subject on a Dask cluster (a local one by default, an existing one given its scheduler
 address, or SLURM jobs through dask-jobqueue), one subject per worker at a time.
 
-- **Resumable**: a subject whose outputs are complete for this configuration and
-  version (:func:`lesiontrack.pipeline.subject_is_complete`) is skipped unless
-  ``force``. Outputs are written atomically, so an interrupted run leaves at most
+- **Resumable**: a subject whose outputs are complete for its current input files,
+  this configuration and version (:func:`lesiontrack.pipeline.subject_is_complete`) is
+  skipped unless ``force``; a new visit, or a changed input file, makes it incomplete. Outputs are written atomically, so an interrupted run leaves at most
   temporary ``.tmp-*`` files; they are removed when the run is interrupted by
   SIGINT/SIGTERM, and otherwise by the next run, which redoes every subject lacking
   its final provenance file.
@@ -188,8 +188,8 @@ def run_participants(bids_dir, output_dir, cfg, *, participant_labels=None, sess
     rows: dict[str, dict] = {}
     todo = []
     for s in subjects:
-        if not force and pipeline.subject_is_complete(output_dir, s, cfg):
-            rows[s] = _row(s, "skipped", "outputs complete for this configuration and version")
+        if not force and pipeline.subject_is_complete(output_dir, s, cfg, bids_dir, sessions):
+            rows[s] = _row(s, "skipped", "outputs complete for these inputs, this configuration and version")
         else:
             todo.append(s)
     # every subject's input problems, before any work starts
@@ -262,7 +262,7 @@ def _run_on_dask(todo, rows, show, bids_dir, output_dir, cfg, sessions, where,
             for s in todo:
                 if s in rows:
                     continue
-                if pipeline.subject_is_complete(output_dir, s, cfg):  # result not yet seen
+                if pipeline.subject_is_complete(output_dir, s, cfg, bids_dir, sessions):  # result not yet seen
                     rows[s] = _row(s, "ok", f"finished before the run was {why}")
                 else:
                     rows[s] = _row(s, "failed", f"{why} before it finished; rerun to complete it")

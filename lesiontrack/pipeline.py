@@ -65,16 +65,34 @@ def _provenance_path(output_dir, subject) -> Path:
     return Path(output_dir) / f"sub-{subject}" / f"sub-{subject}_provenance.json"
 
 
-def subject_is_complete(output_dir, subject, cfg) -> bool:
-    """True when the subject's outputs exist from this version with this configuration."""
+def _input_files(sessions) -> dict:
+    """``{session_id: {modality: absolute path}}`` of the sessions that have FLAIR or T2w."""
+    return {si.session_id: {mod: str(Path(p).resolve()) for mod, p in si.files.items()}
+            for si in sessions if si.reference is not None}
+
+
+def subject_is_complete(output_dir, subject, cfg, bids_dir=None, session_labels=None) -> bool:
+    """True when the subject's outputs exist from this version with this configuration
+    and, given ``bids_dir``, from the inputs the dataset now holds: the same files (a
+    visit added or removed, another file chosen, means not complete), none modified since
+    the outputs were written."""
     subject = bids._label(subject, "sub-")
     prov = _provenance_path(output_dir, subject)
     try:
         info = json.loads(prov.read_text())
+        written = prov.stat().st_mtime_ns
     except (OSError, ValueError):
         return False
     if info.get("version") != __version__ or info.get("config_hash") != config_hash(cfg):
         return False
+    if bids_dir is not None:
+        try:
+            now = _input_files(bids.find_sessions(bids_dir, subject, session_labels))
+            if now != info.get("inputs") or any(Path(p).stat().st_mtime_ns > written
+                                                for files in now.values() for p in files.values()):
+                return False
+        except (OSError, bids.BIDSError):
+            return False
     return all((Path(output_dir) / rel).exists() for rel in info.get("outputs", []))
 
 
@@ -409,7 +427,7 @@ def run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None, prog
         "brain_unobserved_fraction": {sid: round(f, 4) for sid, f in observed.missed.items()},
         "flair_imputed_from": imputed,
         "t2w_imputed_from": t2w_imputed,
-        "inputs": {si.session_id: {mod: str(path) for mod, path in si.files.items()} for si in kept},
+        "inputs": _input_files(kept),
         "adc": adc_info,
         "external_lesion_masks": str(lesion_mask_dir) if lesion_mask_dir else None,
         "timing": timing,

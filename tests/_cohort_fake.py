@@ -16,6 +16,8 @@ from pathlib import Path
 
 from lesiontrack import __version__
 from lesiontrack._io import atomic_path, write_json, write_text
+from lesiontrack.bids import find_sessions
+from lesiontrack.pipeline import _input_files
 from lesiontrack.config import config_hash
 
 
@@ -49,7 +51,8 @@ def run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None, prog
         if (src / "SLOW").exists() and first:  # a retry of the subject runs at full speed
             time.sleep(float((src / "SLOW").read_text()))
     write_json(out / f"sub-{subject}_provenance.json",
-               {"version": __version__, "config_hash": config_hash(cfg), "outputs": rel})
+               {"version": __version__, "config_hash": config_hash(cfg), "outputs": rel,
+                "inputs": _input_files(find_sessions(bids_dir, subject, session_labels))})
 
 
 def dask_setup(worker=None):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from lesiontrack import __version__, cohort, pipeline
+from lesiontrack import __version__, bids, cohort, pipeline
 from lesiontrack._cohort_exec import make_client, parse_memory, slurm_cluster, thread_env
 from lesiontrack._cohort_files import Progress, clean_temp_files, read_bids_filter
 from lesiontrack._io import write_json, write_text
@@ -46,7 +46,8 @@ def fake_run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None,
                {"lesion_count": {"Description": "number of lesions"}})
     write_json(out / f"sub-{subject}_provenance.json",
                {"version": __version__, "config_hash": config_hash(cfg), "outputs": [rel],
-                "sessions": ses})
+                "sessions": ses,
+                "inputs": pipeline._input_files(bids.find_sessions(bids_dir, subject, session_labels))})
 
 
 @pytest.fixture
@@ -110,6 +111,35 @@ def test_resume_skips_complete_and_force_redoes(dataset, cfg):
     calls.clear()
     assert [r["status"] for r in _run(bids_dir, out, cfg2, force=True)] == ["ok"] * 3
     assert sorted(calls) == ["01", "02", "03"]
+
+
+def test_resume_redoes_a_subject_whose_inputs_changed(dataset, cfg):
+    """A longitudinal study is run again after each round of visits: a subject with a new
+    visit, a visit removed or an input file replaced is redone, the others are skipped."""
+    import os
+
+    bids_dir, out, calls = dataset
+    (bids_dir / "sub-02" / "BROKEN").unlink()
+    for s in ("01", "02", "03"):
+        (bids_dir / f"sub-{s}" / "ses-01" / "anat" / f"sub-{s}_ses-01_FLAIR.nii.gz").write_text("x")
+    assert [r["status"] for r in _run(bids_dir, out, cfg)] == ["ok"] * 3
+    calls.clear()
+    assert [r["status"] for r in _run(bids_dir, out, cfg)] == ["skipped"] * 3 and calls == []
+    new = bids_dir / "sub-01" / "ses-02" / "anat" / "sub-01_ses-02_FLAIR.nii.gz"
+    new.parent.mkdir(parents=True)
+    new.write_text("x")                                                   # a new visit
+    flair = bids_dir / "sub-03" / "ses-01" / "anat" / "sub-03_ses-01_FLAIR.nii.gz"
+    later = (out / "sub-03" / "sub-03_provenance.json").stat().st_mtime_ns + 10 ** 6
+    os.utime(flair, ns=(later, later))                                    # replaced after the run
+    rows = _run(bids_dir, out, cfg)
+    assert [r["status"] for r in rows] == ["ok", "skipped", "ok"] and sorted(calls) == ["01", "03"]
+    assert "these inputs" in rows[1]["message"]
+    calls.clear()
+    new.unlink()                                                          # a visit removed
+    assert [r["status"] for r in _run(bids_dir, out, cfg)] == ["ok", "skipped", "skipped"]
+    # with a session selection, only the selected visits count
+    calls.clear()
+    assert [r["status"] for r in _run(bids_dir, out, cfg, session_labels=["01"])] == ["skipped"] * 3
 
 
 def test_interrupted_leftovers_cleaned_and_incomplete_subject_redone(dataset, cfg):
