@@ -75,13 +75,31 @@ def _labels(value, what: str, source) -> list[str]:
     return [v[len(prefix):] if v.startswith(prefix) else v for v in value]
 
 
+# filter keys selecting the input file of a contrast (fMRIPrep's lower-case names)
+FILTER_MODALITIES = {"flair": "FLAIR", "t2w": "T2w", "t1w": "T1w", "cet1w": "ceT1w", "dwi": "dwi",
+                     "adc": "ADC"}
+
+
 def read_bids_filter(bids_filter) -> dict:
-    """Read a BIDS filter (dict, or path of a JSON file) into ``{"subject", "session"}``.
+    """Read a BIDS filter (dict, or path of a JSON file).
 
     The filter selects participants and sessions by BIDS entity, e.g.
     ``{"subject": ["01", "03"], "session": ["01", "02"]}`` (labels with or without
-    the ``sub-``/``ses-`` prefix). Other entities are refused, naming the file.
+    the ``sub-``/``ses-`` prefix), and, as fMRIPrep's does, the input file of a contrast
+    by its entities: ``{"flair": {"acquisition": "3D"}, "t1w": {"reconstruction": null}}``
+    (keys ``flair``, ``t2w``, ``t1w``, ``cet1w``, ``dwi``, ``adc``; entities ``acquisition``,
+    ``ceagent``, ``reconstruction``, ``run``, ``direction`` or their short names; a value,
+    a list of values, or ``null`` for "without this entity"). Other keys are refused,
+    naming the file.
+
+    Returns
+    -------
+    dict
+        ``subject`` and ``session`` label lists where given, and ``inputs``:
+        ``{modality: {short entity: [values]}}`` where contrasts are filtered.
     """
+    from .bids import ENTITY_NAMES, INPUT_ENTITIES
+
     if bids_filter is None:
         return {}
     source = "bids_filter"
@@ -96,11 +114,33 @@ def read_bids_filter(bids_filter) -> dict:
     if not isinstance(bids_filter, dict):
         raise CohortError(f"{source}: a BIDS filter must be a JSON object, "
                          f"got {type(bids_filter).__name__}")
-    unknown = sorted(set(bids_filter) - {"subject", "session"})
+    unknown = sorted(set(bids_filter) - {"subject", "session"} - set(FILTER_MODALITIES))
     if unknown:
         raise CohortError(f"{source}: unknown filter entities {unknown}; "
-                         f"allowed: 'subject', 'session'")
-    return {k: _labels(v, k, source) for k, v in bids_filter.items()}
+                         f"allowed: 'subject', 'session', and the contrasts "
+                         f"{', '.join(repr(k) for k in FILTER_MODALITIES)}")
+    out = {k: _labels(v, k, source) for k, v in bids_filter.items() if k in ("subject", "session")}
+    inputs = {}
+    for key in (k for k in bids_filter if k in FILTER_MODALITIES):
+        query = bids_filter[key]
+        if not isinstance(query, dict):
+            raise CohortError(f"{source}: '{key}' must be an object of entities, e.g. "
+                              f'{{"acquisition": "3D"}}, got {query!r}')
+        flt = {}
+        for ent, value in query.items():
+            short = ENTITY_NAMES.get(ent, ent)
+            if short not in INPUT_ENTITIES:
+                raise CohortError(f"{source}: '{key}' filters on '{ent}', which inputs do not carry; "
+                                  f"allowed: {', '.join(ENTITY_NAMES)} (or {', '.join(INPUT_ENTITIES)})")
+            values = value if isinstance(value, list) else [value]
+            if not values or not all(v is None or isinstance(v, (str, int)) for v in values):
+                raise CohortError(f"{source}: '{key}.{ent}' must be a label, a number, null or a list "
+                                  f"of them, got {value!r}")
+            flt[short] = values
+        inputs[FILTER_MODALITIES[key]] = flt
+    if inputs:
+        out["inputs"] = inputs
+    return out
 
 
 class Progress:

@@ -37,6 +37,9 @@ MODALITY_FILES = {
 # and the suffix each modality is found by; a contrast-enhanced T1w is a T1w with a
 # ``ce-<label>`` entity, whatever its label.
 INPUT_ENTITIES = ("acq", "ce", "rec", "run", "dir")
+# long (pybids) names of those entities, as a BIDS filter file may give them
+ENTITY_NAMES = {"acquisition": "acq", "ceagent": "ce", "reconstruction": "rec", "run": "run",
+                "direction": "dir"}
 _SUFFIX = {"FLAIR": "FLAIR", "T2w": "T2w", "T1w": "T1w", "ceT1w": "T1w", "dwi": "dwi", "ADC": "ADC"}
 _NAME = re.compile(r"^sub-(?P<sub>[a-zA-Z0-9]+)(?:_ses-(?P<ses>[a-zA-Z0-9]+))?"
                    r"(?P<ents>(?:_[a-zA-Z]+-[a-zA-Z0-9]+)*)_(?P<suffix>[a-zA-Z0-9]+)\.nii(?:\.gz)?$")
@@ -97,11 +100,14 @@ def find_subjects(bids_dir, participant_labels=None) -> list[str]:
     return found
 
 
-def find_sessions(bids_dir, subject, session_labels=None) -> list[SessionInputs]:
+def find_sessions(bids_dir, subject, session_labels=None, input_filters=None) -> list[SessionInputs]:
     """Every session of ``subject`` with the files it has, in label order.
 
     A subject without ``ses-*`` folders is treated as one session labelled ``1``
-    (files directly under ``sub-<s>/anat``).
+    (files directly under ``sub-<s>/anat``). ``input_filters`` (``{modality: {entity:
+    [values]}}``, short entity names, ``None`` in the values = the entity absent; see
+    :func:`lesiontrack._cohort_files.read_bids_filter`) keeps, per modality, only the
+    candidate files that match.
     """
     subject = _label(subject, "sub-")
     sdir = Path(bids_dir) / f"sub-{subject}"
@@ -122,6 +128,12 @@ def find_sessions(bids_dir, subject, session_labels=None) -> list[SessionInputs]
             cands = _candidates(d / dtype, subject, None if d == sdir else ses, mod)
             if exact.is_file() and exact not in cands:      # labels outside BIDS' alphabet
                 cands = sorted(cands + [exact])
+            if cands and input_filters and mod in input_filters:
+                kept = [c for c in cands if _matches(c, input_filters[mod])]
+                if not kept:
+                    si.notes.append(f"{mod}: the BIDS filter {input_filters[mod]} leaves none of "
+                                    f"{', '.join(c.name for c in cands)}; none is used")
+                cands = kept
             if cands:
                 si.files[mod], note = _choose(cands, exact, mod)
                 if note:
@@ -151,6 +163,27 @@ def _candidates(folder: Path, subject: str, session: str | None, mod: str) -> li
                 and ("ce" in keys) == (mod == "ceT1w")):
             out.append(p)
     return sorted(out)
+
+
+def _entities(path: Path) -> dict:
+    m = _NAME.match(path.name)
+    return dict(e.split("-", 1) for e in m["ents"].split("_")[1:]) if m else {}
+
+
+def _matches(path: Path, flt: dict) -> bool:
+    """Whether a file's entities match a filter ``{entity: [values]}`` (``None`` in the
+    values: the entity may be absent; run values compare as numbers)."""
+    ents = _entities(path)
+    for key, values in flt.items():
+        v = ents.get(key)
+        if v is None:
+            if None not in values:
+                return False
+        elif not any(w is not None and (str(w) == v or (key == "run" and str(w).isdigit()
+                                                          and v.isdigit() and int(w) == int(v)))
+                     for w in values):
+            return False
+    return True
 
 
 def _voxel_mm3(path: Path) -> float:
@@ -265,11 +298,11 @@ def _scans_acq_time(bids_dir: Path, subject: str, session_id: str, no_session_fo
     return t.min().isoformat() if len(t) else ""
 
 
-def check_subject(bids_dir, subject, session_labels=None) -> list[str]:
+def check_subject(bids_dir, subject, session_labels=None, input_filters=None) -> list[str]:
     """Input problems of one subject, without reading image data (empty when fine)."""
     problems = []
     try:
-        sessions = find_sessions(bids_dir, subject, session_labels)
+        sessions = find_sessions(bids_dir, subject, session_labels, input_filters)
     except BIDSError as exc:
         return [str(exc)]
     if not sessions:

@@ -44,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--session-label", "--session_label", dest="session_label", nargs="+", metavar="LABEL",
                      help="sessions to use (with or without 'ses-'); default: all")
     run.add_argument("--bids-filter-file", "--bids_filter_file", dest="bids_filter_file", type=Path,
-                     help="JSON file selecting subjects/sessions, e.g. {\"subject\": [\"01\"], \"session\": [\"01\", \"02\"]}")
+                     help="JSON file selecting subjects/sessions, e.g. {\"subject\": [\"01\"], \"session\": [\"01\", \"02\"]}, "
+                          "and each contrast's input file by its entities, e.g. {\"flair\": {\"acquisition\": \"3D\"}, "
+                          "\"t1w\": {\"reconstruction\": null}} (keys flair, t2w, t1w, cet1w, dwi, adc)")
     run.add_argument("--lesion-masks", dest="lesion_masks", type=Path, metavar="DIR",
                      help="use external lesion masks (LST-AI, manual, ...) from this derivatives folder: "
                           "sub-<s>/ses-<t>/anat/sub-<s>_ses-<t>_label-lesion_mask.nii.gz in each session's "

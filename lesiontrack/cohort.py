@@ -83,7 +83,8 @@ def _row(subject, status, message="", **extra) -> dict:
 
 
 def _select(bids_dir, participant_labels, session_labels, bids_filter):
-    """Subjects and sessions after labels and the BIDS filter (intersection of both)."""
+    """Subjects and sessions after labels and the BIDS filter (intersection of both), and
+    the filter's selection of input files per contrast (None when it has none)."""
     filt = read_bids_filter(bids_filter)
     labels = [bids._label(x, "sub-") for x in participant_labels] if participant_labels else None
     if "subject" in filt:
@@ -97,7 +98,7 @@ def _select(bids_dir, participant_labels, session_labels, bids_filter):
         if not sessions:
             raise CohortError(f"session labels {session_labels} and the BIDS filter's "
                               f"sessions {filt['session']} have no session in common")
-    return bids.find_subjects(bids_dir, labels), sessions
+    return bids.find_subjects(bids_dir, labels), sessions, filt.get("inputs")
 
 
 def _failed_task(output_dir, subject, exc) -> dict:
@@ -128,7 +129,9 @@ def run_participants(bids_dir, output_dir, cfg, *, participant_labels=None, sess
         Subjects / sessions to use (with or without ``sub-`` / ``ses-``); default all.
     bids_filter : dict or path, optional
         ``{"subject": [...], "session": [...]}`` or a JSON file holding it;
-        intersected with the labels.
+        intersected with the labels; it may also choose each contrast's input file by its
+        entities (``{"flair": {"acquisition": "3D"}}``, see
+        :func:`lesiontrack._cohort_files.read_bids_filter`).
     nprocs : int, optional
         Local worker processes (default: as many as CPUs, subjects and memory allow,
         assuming about 3 GB per subject); with ``cluster="slurm"`` the number of jobs
@@ -178,7 +181,7 @@ def run_participants(bids_dir, output_dir, cfg, *, participant_labels=None, sess
     from . import pipeline
     bids_dir, output_dir = Path(bids_dir), Path(output_dir)
     bids.check_output_dir(bids_dir, output_dir)
-    subjects, sessions = _select(bids_dir, participant_labels, session_labels, bids_filter)
+    subjects, sessions, inputs = _select(bids_dir, participant_labels, session_labels, bids_filter)
     show = Progress(len(subjects), enabled=bool(progress))
     output_dir.mkdir(parents=True, exist_ok=True)
     removed = clean_temp_files(output_dir, subjects, root=True)
@@ -188,13 +191,13 @@ def run_participants(bids_dir, output_dir, cfg, *, participant_labels=None, sess
     rows: dict[str, dict] = {}
     todo = []
     for s in subjects:
-        if not force and pipeline.subject_is_complete(output_dir, s, cfg, bids_dir, sessions):
+        if not force and pipeline.subject_is_complete(output_dir, s, cfg, bids_dir, sessions, inputs):
             rows[s] = _row(s, "skipped", "outputs complete for these inputs, this configuration and version")
         else:
             todo.append(s)
     # every subject's input problems, before any work starts
     for s in todo:
-        for problem in bids.check_subject(bids_dir, s, sessions):
+        for problem in bids.check_subject(bids_dir, s, sessions, inputs):
             show.info(f"input problem: {problem}", warn=True)
     bids.write_dataset_description(output_dir, bids_dir)
     for s in subjects:
@@ -205,7 +208,8 @@ def run_participants(bids_dir, output_dir, cfg, *, participant_labels=None, sess
                      dict(nprocs=nprocs, mem=mem, scheduler=scheduler, cluster=cluster,
                           cluster_options=cluster_options, omp_nthreads=omp_nthreads),
                      stop_on_first_crash,
-                     {"lesion_mask_dir": lesion_mask_dir} if lesion_mask_dir else {})
+                     {k: v for k, v in (("lesion_mask_dir", lesion_mask_dir), ("input_filters", inputs))
+                      if v})
     show.close()
     out = [rows[s] for s in subjects]
     bids.write_run_status(output_dir, out)
@@ -262,7 +266,8 @@ def _run_on_dask(todo, rows, show, bids_dir, output_dir, cfg, sessions, where,
             for s in todo:
                 if s in rows:
                     continue
-                if pipeline.subject_is_complete(output_dir, s, cfg, bids_dir, sessions):  # result not yet seen
+                if pipeline.subject_is_complete(output_dir, s, cfg, bids_dir, sessions,  # result not yet seen
+                                                run_kwargs.get("input_filters")):
                     rows[s] = _row(s, "ok", f"finished before the run was {why}")
                 else:
                     rows[s] = _row(s, "failed", f"{why} before it finished; rerun to complete it")

@@ -71,7 +71,8 @@ def _input_files(sessions) -> dict:
             for si in sessions if si.reference is not None}
 
 
-def subject_is_complete(output_dir, subject, cfg, bids_dir=None, session_labels=None) -> bool:
+def subject_is_complete(output_dir, subject, cfg, bids_dir=None, session_labels=None,
+                        input_filters=None) -> bool:
     """True when the subject's outputs exist from this version with this configuration
     and, given ``bids_dir``, from the inputs the dataset now holds: the same files (a
     visit added or removed, another file chosen, means not complete), none modified since
@@ -87,7 +88,7 @@ def subject_is_complete(output_dir, subject, cfg, bids_dir=None, session_labels=
         return False
     if bids_dir is not None:
         try:
-            now = _input_files(bids.find_sessions(bids_dir, subject, session_labels))
+            now = _input_files(bids.find_sessions(bids_dir, subject, session_labels, input_filters))
             if now != info.get("inputs") or any(Path(p).stat().st_mtime_ns > written
                                                 for files in now.values() for p in files.values()):
                 return False
@@ -174,7 +175,7 @@ def _external_masks(lesion_mask_dir, subject, sessions):
 
 # --------------------------------------------------------------------------- main
 def run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None, progress=None,
-                lesion_mask_dir=None, write_report: bool = True) -> SubjectResult:
+                lesion_mask_dir=None, write_report: bool = True, input_filters=None) -> SubjectResult:
     """Process one subject end to end and write all its outputs.
 
     Parameters
@@ -191,6 +192,11 @@ def run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None, prog
     lesion_mask_dir : path, optional
         A derivatives folder with external lesion masks (``label-lesion_mask``) per
         session, used instead of lesiontrack's own T2/FLAIR segmentation.
+    write_report : bool
+        Also write the HTML report and its figures.
+    input_filters : dict, optional
+        ``{modality: {entity: [values]}}``: which candidate file is each contrast's input
+        (the ``inputs`` of :func:`lesiontrack._cohort_files.read_bids_filter`).
 
     Returns
     -------
@@ -210,7 +216,7 @@ def run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None, prog
 
     # 1. inputs --------------------------------------------------------------------
     _step(progress, "load", 1, n_steps)
-    sessions = bids.find_sessions(bids_dir, subject, session_labels)
+    sessions = bids.find_sessions(bids_dir, subject, session_labels, input_filters)
     skipped = []
     kept = []
     for si in sessions:

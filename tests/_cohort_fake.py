@@ -52,7 +52,8 @@ def run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None, prog
             time.sleep(float((src / "SLOW").read_text()))
     write_json(out / f"sub-{subject}_provenance.json",
                {"version": __version__, "config_hash": config_hash(cfg), "outputs": rel,
-                "inputs": _input_files(find_sessions(bids_dir, subject, session_labels))})
+                "inputs": _input_files(find_sessions(bids_dir, subject, session_labels,
+                                                     kwargs.get("input_filters")))})
 
 
 def dask_setup(worker=None):

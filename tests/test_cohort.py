@@ -47,7 +47,8 @@ def fake_run_subject(bids_dir, subject, output_dir, cfg, *, session_labels=None,
     write_json(out / f"sub-{subject}_provenance.json",
                {"version": __version__, "config_hash": config_hash(cfg), "outputs": [rel],
                 "sessions": ses,
-                "inputs": pipeline._input_files(bids.find_sessions(bids_dir, subject, session_labels))})
+                "inputs": pipeline._input_files(bids.find_sessions(bids_dir, subject, session_labels,
+                                                                   kwargs.get("input_filters")))})
 
 
 @pytest.fixture
@@ -191,13 +192,54 @@ def test_labels_and_bids_filter(dataset, cfg, tmp_path):
         _run(bids_dir, out, cfg, bids_filter={"subject": ["01"]}, participant_labels=["02"])
 
 
+def test_bids_filter_chooses_each_contrast_file(dataset, cfg, tmp_path):
+    """The filter's contrast entries reach every subject's run, its input check and its
+    completeness: choosing another file redoes the subject."""
+    bids_dir, out, calls = dataset
+    (bids_dir / "sub-02" / "BROKEN").unlink()
+    got = {}
+
+    def run(*args, **kwargs):
+        got[args[1]] = kwargs.get("input_filters")
+        return fake_run_subject(*args, **kwargs)
+
+    import lesiontrack.pipeline as pl
+    pl_run = pl.run_subject
+    pl.run_subject = run
+    try:
+        anat = bids_dir / "sub-01" / "ses-01" / "anat"
+        for acq in ("2D", "3D"):
+            (anat / f"sub-01_ses-01_acq-{acq}_FLAIR.nii.gz").write_text("x")
+        rows = _run(bids_dir, out, cfg, participant_labels=["01"], bids_filter={"flair": {"acquisition": "3D"}})
+        assert rows[0]["status"] == "ok" and got["01"] == {"FLAIR": {"acq": ["3D"]}}
+        prov = json.loads((out / "sub-01" / "sub-01_provenance.json").read_text())
+        assert prov["inputs"]["ses-01"]["FLAIR"].endswith("sub-01_ses-01_acq-3D_FLAIR.nii.gz")
+        assert _run(bids_dir, out, cfg, participant_labels=["01"],
+                    bids_filter={"flair": {"acquisition": "3D"}})[0]["status"] == "skipped"
+        # without the filter the rule chooses another file (unreadable headers: name order),
+        # so the subject is redone
+        assert _run(bids_dir, out, cfg, participant_labels=["01"])[0]["status"] == "ok"
+    finally:
+        pl.run_subject = pl_run
+
+
 def test_bids_filter_errors(tmp_path):
     bad = tmp_path / "f.json"
     bad.write_text("{not json")
     with pytest.raises(cohort.CohortError, match="f.json: not valid JSON"):
         read_bids_filter(bad)
-    with pytest.raises(cohort.CohortError, match="unknown filter entities \\['t1w'\\]"):
+    with pytest.raises(cohort.CohortError, match="unknown filter entities \\['bold'\\]"):
+        read_bids_filter({"bold": {"task": "rest"}})
+    with pytest.raises(cohort.CohortError, match="'t1w' filters on 'session', which inputs do not carry"):
         read_bids_filter({"t1w": {"session": "01"}})
+    with pytest.raises(cohort.CohortError, match="'flair' must be an object of entities"):
+        read_bids_filter({"flair": "3D"})
+    with pytest.raises(cohort.CohortError, match="'flair.acquisition' must be a label"):
+        read_bids_filter({"flair": {"acquisition": {"3D": 1}}})
+    assert read_bids_filter({"flair": {"acquisition": "3D"}, "cet1w": {"ce": ["Gd", "gadolinium"]},
+                             "t1w": {"reconstruction": None, "run": 2}}) == {
+        "inputs": {"FLAIR": {"acq": ["3D"]}, "ceT1w": {"ce": ["Gd", "gadolinium"]},
+                   "T1w": {"rec": [None], "run": [2]}}}
     with pytest.raises(cohort.CohortError, match="does not exist"):
         read_bids_filter(tmp_path / "missing.json")
     with pytest.raises(cohort.CohortError, match="'subject' must be a label"):

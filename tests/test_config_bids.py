@@ -115,6 +115,29 @@ def test_several_candidates_choose_the_contract_name_then_finest_then_last_run(t
     assert any("not used: sub-01_ses-01_acq-2D_FLAIR.nii.gz" in p for p in problems)
 
 
+def test_input_filters_choose_among_candidates(tmp_path):
+    b = tmp_path / "bids"
+    a = b / "sub-01/ses-01/anat"
+    _nii(a / "sub-01_ses-01_acq-2D_FLAIR.nii.gz", (0.7, 0.7, 3.0))
+    _nii(a / "sub-01_ses-01_acq-3D_FLAIR.nii.gz", (1.0, 1.0, 1.0))
+    _nii(a / "sub-01_ses-01_run-1_T2w.nii.gz", (1.0, 1.0, 3.0))
+    _nii(a / "sub-01_ses-01_run-02_T2w.nii.gz", (1.0, 1.0, 3.0))
+    _nii(a / "sub-01_ses-01_rec-norm_T1w.nii.gz", (1.0, 1.0, 1.0))
+    _nii(a / "sub-01_ses-01_T1w.nii.gz", (1.0, 1.0, 1.0))
+    flt = {"FLAIR": {"acq": ["2D"]}, "T2w": {"run": [1]}, "T1w": {"rec": ["norm"]}}
+    (si,) = bids.find_sessions(b, "01", input_filters=flt)
+    assert [si.files[m].name for m in ("FLAIR", "T2w", "T1w")] == [
+        "sub-01_ses-01_acq-2D_FLAIR.nii.gz", "sub-01_ses-01_run-1_T2w.nii.gz", "sub-01_ses-01_rec-norm_T1w.nii.gz"]
+    assert si.notes == []
+    (si,) = bids.find_sessions(b, "01", input_filters={"T2w": {"run": [2]}, "T1w": {"rec": [None]}})
+    assert si.files["T2w"].name == "sub-01_ses-01_run-02_T2w.nii.gz"       # runs compare as numbers
+    assert si.files["T1w"].name == "sub-01_ses-01_T1w.nii.gz"              # null: without the entity
+    problems = bids.check_subject(b, "01", input_filters={"FLAIR": {"acq": ["FLAIR3D"]}})
+    assert any("FLAIR: the BIDS filter {'acq': ['FLAIR3D']} leaves none of" in p for p in problems)
+    (si,) = bids.find_sessions(b, "01", input_filters={"FLAIR": {"acq": ["FLAIR3D"]}})
+    assert "FLAIR" not in si.files and si.reference == "T2w"
+
+
 def test_session_without_reference_names_the_images_not_read(tmp_path):
     b = tmp_path / "bids"
     _touch(b / "sub-01/ses-01/anat/sub-01_ses-01_FLAIR.nii.gz")
