@@ -97,15 +97,18 @@ def test_inputs_with_bids_entities_and_uncompressed_files(tmp_path):
     assert si.unused_images() == ["sub-01_ses-01_part-phase_T2w.nii.gz", "sub-01_ses-02_FLAIR.nii.gz"]
 
 
-def test_several_candidates_choose_the_contract_name_then_finest_then_last_run(tmp_path):
+def _anat(tmp_path, names_zooms) -> Path:
+    """A one-visit dataset whose anat/ holds NIfTI headers of these voxel sizes."""
     b = tmp_path / "bids"
-    a = b / "sub-01/ses-01/anat"
-    _nii(a / "sub-01_ses-01_acq-2D_FLAIR.nii.gz", (0.7, 0.7, 3.0))
-    _nii(a / "sub-01_ses-01_acq-3D_FLAIR.nii.gz", (1.0, 1.0, 1.0))
-    _nii(a / "sub-01_ses-01_run-1_T2w.nii.gz", (1.0, 1.0, 3.0))
-    _nii(a / "sub-01_ses-01_run-2_T2w.nii.gz", (1.0, 1.0, 3.0))
-    _nii(a / "sub-01_ses-01_T1w.nii.gz", (1.0, 1.0, 1.0))
-    _nii(a / "sub-01_ses-01_acq-fast_T1w.nii.gz", (0.5, 0.5, 0.5))
+    for name, zooms in names_zooms.items():
+        _nii(b / "sub-01/ses-01/anat" / f"sub-01_ses-01_{name}.nii.gz", zooms)
+    return b
+
+
+def test_several_candidates_choose_the_contract_name_then_finest_then_last_run(tmp_path):
+    b = _anat(tmp_path, {"acq-2D_FLAIR": (0.7, 0.7, 3.0), "acq-3D_FLAIR": (1.0, 1.0, 1.0),
+                         "run-1_T2w": (1.0, 1.0, 3.0), "run-2_T2w": (1.0, 1.0, 3.0),
+                         "T1w": (1.0, 1.0, 1.0), "acq-fast_T1w": (0.5, 0.5, 0.5)})
     (si,) = bids.find_sessions(b, "01")
     assert si.files["FLAIR"].name == "sub-01_ses-01_acq-3D_FLAIR.nii.gz"     # 1 mm³ < 1.47 mm³
     assert si.files["T2w"].name == "sub-01_ses-01_run-2_T2w.nii.gz"          # the repeat
@@ -116,14 +119,9 @@ def test_several_candidates_choose_the_contract_name_then_finest_then_last_run(t
 
 
 def test_input_filters_choose_among_candidates(tmp_path):
-    b = tmp_path / "bids"
-    a = b / "sub-01/ses-01/anat"
-    _nii(a / "sub-01_ses-01_acq-2D_FLAIR.nii.gz", (0.7, 0.7, 3.0))
-    _nii(a / "sub-01_ses-01_acq-3D_FLAIR.nii.gz", (1.0, 1.0, 1.0))
-    _nii(a / "sub-01_ses-01_run-1_T2w.nii.gz", (1.0, 1.0, 3.0))
-    _nii(a / "sub-01_ses-01_run-02_T2w.nii.gz", (1.0, 1.0, 3.0))
-    _nii(a / "sub-01_ses-01_rec-norm_T1w.nii.gz", (1.0, 1.0, 1.0))
-    _nii(a / "sub-01_ses-01_T1w.nii.gz", (1.0, 1.0, 1.0))
+    b = _anat(tmp_path, {"acq-2D_FLAIR": (0.7, 0.7, 3.0), "acq-3D_FLAIR": (1.0, 1.0, 1.0),
+                         "run-1_T2w": (1.0, 1.0, 3.0), "run-02_T2w": (1.0, 1.0, 3.0),
+                         "rec-norm_T1w": (1.0, 1.0, 1.0), "T1w": (1.0, 1.0, 1.0)})
     flt = {"FLAIR": {"acq": ["2D"]}, "T2w": {"run": [1]}, "T1w": {"rec": ["norm"]}}
     (si,) = bids.find_sessions(b, "01", input_filters=flt)
     assert [si.files[m].name for m in ("FLAIR", "T2w", "T1w")] == [
