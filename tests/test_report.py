@@ -420,3 +420,19 @@ def test_methods_say_how_visits_without_flair_were_segmented(result):
     prov = dict(result.provenance, brain_unobserved_fraction={"ses-02": 0.163})
     t = text(dataclasses.replace(result, provenance=prov))
     assert "The field of view of ses-02 missed 16 % of the brain" in t and "carried" in t
+
+
+def test_methods_name_the_input_files_and_the_adc_fit(result):
+    import dataclasses
+
+    from lesiontrack.report._html import methods_paragraphs
+
+    prov = dict(result.provenance,
+                inputs={"ses-01": {"FLAIR": "/data/sub-01/ses-01/anat/sub-01_ses-01_acq-3D_FLAIR.nii.gz",
+                                   "dwi": "/data/sub-01/ses-01/dwi/sub-01_ses-01_dwi.nii.gz"},
+                        "ses-02": {"T2w": "/data/sub-01/ses-02/anat/sub-01_ses-02_T2w.nii"}},
+                adc={"ses-01": {"fitted_b_values": [0.0, 1000.0]}, "ses-02": {"ready_map_unit": "1e-6 mm^2/s"}})
+    t = " ".join(p["text"] for p in methods_paragraphs(dataclasses.replace(result, provenance=prov)))
+    assert ("Input files: ses-01: sub-01_ses-01_acq-3D_FLAIR.nii.gz, sub-01_ses-01_dwi.nii.gz; "
+            "ses-02: sub-01_ses-02_T2w.nii.") in t
+    assert "ADC: ses-01 fitted on b = 0, 1000 s/mm²; ses-02 a ready map stored in 1e-6 mm^2/s." in t

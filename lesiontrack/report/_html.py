@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import hashlib
 from importlib import resources
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -145,6 +146,17 @@ def methods_paragraphs(result) -> list:
             "with their last observed volume; observed_fraction in the lesions table) "
             "instead of being called resolved and new again (lesiontrack.track."
             "carry_unobserved).", settings=""))
+    inputs = prov.get("inputs") or {}
+    if inputs:
+        paras.append(dict(text="Input files: " + "; ".join(
+            f"{ses}: " + ", ".join(Path(f).name for f in files.values()) for ses, files in inputs.items())
+            + ".", settings=""))
+    adc = prov.get("adc") or {}
+    if adc:
+        paras.append(dict(text="ADC: " + "; ".join(
+            f"{ses} fitted on b = {', '.join(f'{b:g}' for b in a['fitted_b_values'])} s/mm²"
+            if "fitted_b_values" in a else f"{ses} a ready map stored in {a.get('ready_map_unit')}"
+            for ses, a in adc.items()) + ".", settings=""))
     vers = prov.get("versions") or {}
     if vers:
         paras.append(dict(text="Software: " + ", ".join(f"{k} {v}" for k, v in vers.items()) + ".",
