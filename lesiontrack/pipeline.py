@@ -166,6 +166,8 @@ def _external_masks(lesion_mask_dir, subject, sessions):
     out = {}
     for si in sessions:
         p = bids.deriv_path(lesion_mask_dir, subject, si.session, "anat", label="lesion", suffix="mask")
+        if not p.exists() and p.with_suffix("").exists():          # uncompressed .nii
+            p = p.with_suffix("")
         if not p.exists():
             raise PipelineError(f"{p}: external lesion mask not found (the --lesion-masks folder must hold "
                                 "one mask per session in the session reference's space)")
