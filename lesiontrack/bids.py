@@ -149,7 +149,8 @@ def find_sessions(bids_dir, subject, session_labels=None, input_filters=None) ->
 def _candidates(folder: Path, subject: str, session: str | None, mod: str) -> list[Path]:
     """The NIfTI files of ``folder`` that are ``mod`` of this subject and session: the
     modality's suffix, only :data:`INPUT_ENTITIES` between the labels and the suffix
-    (each at most once), a ``ce-`` entity exactly for ``ceT1w``; ``.nii.gz`` or ``.nii``."""
+    (each at most once; ``part-mag`` too, a phase image is none), a ``ce-`` entity exactly
+    for ``ceT1w``; ``.nii.gz`` or ``.nii``."""
     if not folder.is_dir():
         return []
     out = []
@@ -158,7 +159,8 @@ def _candidates(folder: Path, subject: str, session: str | None, mod: str) -> li
         if (m is None or m["sub"] != subject or m["ses"] != session
                 or m["suffix"] != _SUFFIX[mod] or not p.is_file()):
             continue
-        keys = [e.split("-", 1)[0] for e in m["ents"].split("_")[1:]]
+        ents = [e.split("-", 1) for e in m["ents"].split("_")[1:]]
+        keys = [k for k, v in ents if not (k == "part" and v == "mag")]    # a magnitude image is one
         if (len(set(keys)) == len(keys) and set(keys) <= set(INPUT_ENTITIES)
                 and ("ce" in keys) == (mod == "ceT1w")):
             out.append(p)

@@ -83,6 +83,7 @@ def test_inputs_with_bids_entities_and_uncompressed_files(tmp_path):
     _touch(a / "sub-01_ses-01_acq-mprage_T1w.nii.gz")
     _touch(a / "sub-01_ses-01_acq-mprage_ce-Gd_T1w.nii.gz")
     _touch(a / "sub-01_ses-01_part-phase_T2w.nii.gz")          # a phase image
+    _touch(a / "sub-01_ses-01_acq-mprage_part-mag_T1w.nii.gz")  # a magnitude image is one
     _touch(a / "sub-01_ses-02_FLAIR.nii.gz")                   # another session's
     _touch(b / "sub-01/ses-01/dwi/sub-01_ses-01_dir-AP_dwi.nii")
     _touch(b / "sub-01/ses-01/dwi/sub-01_ses-01_dir-AP_dwi.bval")
@@ -93,8 +94,11 @@ def test_inputs_with_bids_entities_and_uncompressed_files(tmp_path):
         "T1w": "sub-01_ses-01_acq-mprage_T1w.nii.gz", "ceT1w": "sub-01_ses-01_acq-mprage_ce-Gd_T1w.nii.gz",
         "dwi": "sub-01_ses-01_dir-AP_dwi.nii"}
     assert si.bval.name == "sub-01_ses-01_dir-AP_dwi.bval" and si.bval.exists() and si.bvec.exists()
-    assert si.notes == [] and bids.check_subject(b, "01") == []
-    assert si.unused_images() == ["sub-01_ses-01_part-phase_T2w.nii.gz", "sub-01_ses-02_FLAIR.nii.gz"]
+    (note,) = si.notes                                   # two T1w: the finest voxels, then names
+    assert "sub-01_ses-01_acq-mprage_T1w.nii.gz is used" in note and "part-mag" in note
+    assert bids.check_subject(b, "01") == [f"sub-01 ses-01: {note}"]
+    assert si.unused_images() == ["sub-01_ses-01_acq-mprage_part-mag_T1w.nii.gz",
+                                  "sub-01_ses-01_part-phase_T2w.nii.gz", "sub-01_ses-02_FLAIR.nii.gz"]
 
 
 def _anat(tmp_path, names_zooms) -> Path:
