@@ -1,6 +1,7 @@
 """BIDS input discovery and BIDS-Derivatives output names."""
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -381,7 +382,7 @@ def write_dataset_description(output_dir, bids_dir=None) -> Path:
                          "CodeURL": "https://github.com/lesiontrack/lesiontrack"}],
     }
     if bids_dir is not None:
-        desc["DatasetLinks"] = {"raw": str(Path(bids_dir).resolve())}
+        desc["DatasetLinks"] = {"raw": str(abs_path(bids_dir))}
     out = Path(output_dir)
     write_json(out / "dataset_description.json", desc)
     write_tsv(out / "desc-lesions_dseg.tsv",
@@ -409,12 +410,18 @@ def valid_label(label: str) -> bool:
     return bool(_SUB_RE.match(label))
 
 
+def abs_path(path) -> Path:
+    """Absolute and normalised, symbolic links kept: a DataLad or git-annex dataset's
+    files are links into its object store, whose names say nothing of the scan."""
+    return Path(os.path.abspath(path))
+
+
 def raw_uri(bids_dir, path) -> str:
     """``path`` (an input file) as a BIDS URI into the dataset linked as ``raw``."""
     try:
-        return "bids:raw:" + Path(path).resolve().relative_to(Path(bids_dir).resolve()).as_posix()
+        return "bids:raw:" + abs_path(path).relative_to(abs_path(bids_dir)).as_posix()
     except ValueError:
-        return Path(path).resolve().as_uri()
+        return abs_path(path).as_uri()
 
 
 def sidecar(path, columns: dict) -> Path:

@@ -67,8 +67,15 @@ def _provenance_path(output_dir, subject) -> Path:
 
 def _input_files(sessions) -> dict:
     """``{session_id: {modality: absolute path}}`` of the sessions that have FLAIR or T2w."""
-    return {si.session_id: {mod: str(Path(p).resolve()) for mod, p in si.files.items()}
+    return {si.session_id: {mod: str(bids.abs_path(p)) for mod, p in si.files.items()}
             for si in sessions if si.reference is not None}
+
+
+def _modified(path) -> int:
+    """When a file's content last changed: its own time, or its link's when it is a
+    symbolic link (DataLad re-points the link to a new version)."""
+    p = Path(path)
+    return max(p.stat().st_mtime_ns, p.lstat().st_mtime_ns)
 
 
 def subject_is_complete(output_dir, subject, cfg, bids_dir=None, session_labels=None,
@@ -89,7 +96,7 @@ def subject_is_complete(output_dir, subject, cfg, bids_dir=None, session_labels=
     if bids_dir is not None:
         try:
             now = _input_files(bids.find_sessions(bids_dir, subject, session_labels, input_filters))
-            if now != info.get("inputs") or any(Path(p).stat().st_mtime_ns > written
+            if now != info.get("inputs") or any(_modified(p) > written
                                                 for files in now.values() for p in files.values()):
                 return False
         except (OSError, bids.BIDSError):

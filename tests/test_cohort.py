@@ -135,6 +135,23 @@ def test_resume_redoes_a_subject_whose_inputs_changed(dataset, cfg):
     rows = _run(bids_dir, out, cfg)
     assert [r["status"] for r in rows] == ["ok", "skipped", "ok"] and sorted(calls) == ["01", "03"]
     assert "these inputs" in rows[1]["message"]
+    # a DataLad dataset gets a new version of a scan by re-pointing its link into the
+    # object store, whose files keep their old times
+    store = bids_dir / ".git" / "annex" / "objects"
+    store.mkdir(parents=True)
+    old_obj, new_obj = store / "a.nii.gz", store / "b.nii.gz"
+    old_obj.write_text("x")
+    new_obj.write_text("y")
+    os.utime(new_obj, ns=(10 ** 9, 10 ** 9))
+    f2 = bids_dir / "sub-02" / "ses-01" / "anat" / "sub-02_ses-01_FLAIR.nii.gz"
+    f2.unlink()
+    f2.symlink_to(old_obj)
+    calls.clear()
+    assert [r["status"] for r in _run(bids_dir, out, cfg)] == ["skipped", "ok", "skipped"]
+    f2.unlink()
+    f2.symlink_to(new_obj)
+    calls.clear()
+    assert [r["status"] for r in _run(bids_dir, out, cfg)] == ["skipped", "ok", "skipped"]
     calls.clear()
     new.unlink()                                                          # a visit removed
     assert [r["status"] for r in _run(bids_dir, out, cfg)] == ["ok", "skipped", "skipped"]

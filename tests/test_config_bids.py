@@ -150,6 +150,20 @@ def test_session_without_reference_names_the_images_not_read(tmp_path):
     assert "images there not read: flair.nii.gz, sub-01_ses-01_FLAIR.nii.gz" in problems[0]
 
 
+def test_inputs_that_are_links_into_an_annex_keep_their_bids_names(tmp_path):
+    """DataLad / git-annex datasets hold their scans as links into an object store: the
+    inputs, and their BIDS URIs in the sidecars, keep the dataset's names."""
+    b = tmp_path / "bids"
+    obj = b / ".git" / "annex" / "objects" / "Xy" / "MD5E-s1--abc.nii.gz"
+    _touch(obj)
+    link = b / "sub-01" / "ses-01" / "anat" / "sub-01_ses-01_FLAIR.nii.gz"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(obj)
+    (si,) = bids.find_sessions(b, "01")
+    assert si.files["FLAIR"] == link
+    assert bids.raw_uri(b, link) == "bids:raw:sub-01/ses-01/anat/sub-01_ses-01_FLAIR.nii.gz"
+
+
 def test_visit_dates_from_scans_tsv(tmp_path):
     """Datasets converted by dcm2bids or HeuDiConv date their scans in scans.tsv and often
     have no sessions.tsv: a visit without an acq_time takes its scans' earliest."""
