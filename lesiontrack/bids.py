@@ -58,6 +58,15 @@ class SessionInputs:
     notes: list = field(default_factory=list)     # choices among several candidate files
     folder: Path | None = None                    # the session's folder
 
+    def broken_links(self) -> list[Path]:
+        """The NIfTI links in the session's ``anat/`` and ``dwi/`` folders whose target is
+        absent (annexed content not fetched)."""
+        if self.folder is None:
+            return []
+        return sorted(p for dt in ("anat", "dwi") if (self.folder / dt).is_dir()
+                      for p in (self.folder / dt).iterdir()
+                      if p.name.endswith((".nii", ".nii.gz")) and p.is_symlink() and not p.exists())
+
     def unused_images(self) -> list[str]:
         """Names of the NIfTI files in the session's ``anat/`` and ``dwi/`` folders that
         are no input (another subject or session label, a suffix or entity not read)."""
@@ -321,6 +330,8 @@ def check_subject(bids_dir, subject, session_labels=None, input_filters=None) ->
             if p.stat().st_size == 0:
                 problems.append(f"{p}: file is empty")
         problems.extend(f"sub-{s.subject} {s.session_id}: {note}" for note in s.notes)
+        problems.extend(f"{p}: a link whose content is not here (a DataLad or git-annex file "
+                        "not fetched yet: `datalad get` it); not read" for p in s.broken_links())
         if "dwi" in s.files and not (s.bval.exists() and s.bvec.exists()) and "ADC" not in s.files:
             problems.append(f"{s.files['dwi']}: missing .bval/.bvec beside it; diffusion measures are skipped")
     try:

@@ -162,6 +162,13 @@ def test_inputs_that_are_links_into_an_annex_keep_their_bids_names(tmp_path):
     (si,) = bids.find_sessions(b, "01")
     assert si.files["FLAIR"] == link
     assert bids.raw_uri(b, link) == "bids:raw:sub-01/ses-01/anat/sub-01_ses-01_FLAIR.nii.gz"
+    # content not fetched: a broken link, which the input check names
+    t2w = link.with_name("sub-01_ses-01_T2w.nii.gz")
+    t2w.symlink_to(obj.with_name("MD5E-s1--def.nii.gz"))
+    (si,) = bids.find_sessions(b, "01")
+    assert "T2w" not in si.files
+    (problem,) = bids.check_subject(b, "01")
+    assert problem.startswith(f"{t2w}: a link whose content is not here") and "datalad get" in problem
 
 
 def test_visit_dates_from_scans_tsv(tmp_path):
