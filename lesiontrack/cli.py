@@ -114,10 +114,19 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--slices", type=int, nargs="+", metavar="K")
     _add_common(pl)
 
-    ev = sub.add_parser("evaluate", help="score a run against phantom ground truth")
+    ev = sub.add_parser("evaluate", help="score a run against phantom ground truth, or its lesion masks "
+                                         "against reference masks (a rater's, another tool's)")
     ev.add_argument("output_dir", type=Path)
-    ev.add_argument("truth_dir", type=Path, help="the phantom's truth/ folder")
-    ev.add_argument("--bids-dir", type=Path, required=True, help="the phantom's bids/ folder")
+    ev.add_argument("truth_dir", type=Path, nargs="?", help="the phantom's truth/ folder")
+    ev.add_argument("--bids-dir", type=Path, help="the phantom's bids/ folder (with truth_dir)")
+    ev.add_argument("--reference-masks", type=Path, metavar="DIR",
+                    help="instead of a phantom's truth: reference lesion masks laid out as for "
+                         "'run --lesion-masks' (sub-<s>/ses-<t>/anat/sub-<s>_ses-<t>_label-lesion_mask.nii.gz "
+                         "on the grid of each session's FLAIR, else T2w); scores each session's native "
+                         "lesion mask (Dice, lesion-wise precision/recall/F1, volumes)")
+    ev.add_argument("--min-lesion-mm3", type=float, default=10.0,
+                    help="with --reference-masks: smallest lesion counted lesion-wise (default 10)")
+    ev.add_argument("--tsv", type=Path, help="with --reference-masks: also write the table as TSV")
     ev.add_argument("--participant-label", "--participant_label", dest="participant_label", nargs="+")
     ev.add_argument("--json", type=Path, help="also write the scores as JSON")
     _add_common(ev)
@@ -186,6 +195,7 @@ def main(argv=None) -> int:
     from .image import ImageError
     from .cohort import CohortError, RunInterrupted
     from .phantom import PhantomError
+    from .evaluate import EvaluateError
     from .report import ReportError
 
     try:
@@ -222,21 +232,36 @@ def main(argv=None) -> int:
             print(args.out)
             return 0
         if args.command == "evaluate":
-            from .evaluate import evaluate_run, format_scores
+            from ._io import write_json, write_tsv
+            from .evaluate import (evaluate_against_masks, evaluate_run, format_reference_scores,
+                                   format_scores)
 
+            if (args.truth_dir is None) == (args.reference_masks is None):
+                raise SystemExit("lesiontrack evaluate: error: give either a phantom's truth_dir (with "
+                                 "--bids-dir) or --reference-masks DIR")
+            if args.reference_masks is not None:
+                table, notes = evaluate_against_masks(args.output_dir, args.reference_masks,
+                                                      _labels(args.participant_label), args.min_lesion_mm3)
+                print(format_reference_scores(table, notes, args.min_lesion_mm3))
+                if args.tsv:
+                    write_tsv(args.tsv, table)
+                if args.json:
+                    write_json(args.json, {"scores": table.to_dict(orient="records"), "notes": notes})
+                return 0
+            if args.bids_dir is None:
+                raise SystemExit("lesiontrack evaluate: error: truth_dir needs --bids-dir (the phantom's bids/)")
             scores = evaluate_run(args.output_dir, args.truth_dir, args.bids_dir,
                                   participant_labels=_labels(args.participant_label))
             print(format_scores(scores))
             if args.json:
-                from ._io import write_json
-
                 write_json(args.json, scores)
             return 0
     except RunInterrupted as exc:
         print(f"lesiontrack: interrupted by signal {exc.signum}; finished subjects are kept, "
               "rerun the same command to complete the others", file=sys.stderr)
         return 128 + int(exc.signum)
-    except (BIDSError, ImageError, ConfigError, ReportError, CohortError, PhantomError, OSError) as exc:
+    except (BIDSError, ImageError, ConfigError, ReportError, CohortError, PhantomError, EvaluateError,
+            OSError) as exc:
         print(f"lesiontrack: error: {exc}", file=sys.stderr)
         return 2
     parser.error(f"unknown command {args.command}")

@@ -1,4 +1,5 @@
-"""Score a lesiontrack run against the phantom's ground truth.
+"""Score a lesiontrack run against the phantom's ground truth, or its lesion masks
+against reference masks (a rater's, another tool's) on the native grids.
 
 The individual space of a run is arbitrary (unbiased between visits), so every
 comparison goes through the transforms: the run's ``individual -> image`` maps and
@@ -18,7 +19,8 @@ import pandas as pd
 from . import bids, metrics, sitk_bridge
 from .image import load_image
 
-__all__ = ["evaluate_run", "format_scores"]
+__all__ = ["evaluate_run", "format_scores", "evaluate_against_masks", "format_reference_scores",
+           "EvaluateError", "REFERENCE_COLUMNS"]
 
 _MODS = {"FLAIR": ("anat", None, "FLAIR"), "T2w": ("anat", None, "T2w"), "T1w": ("anat", None, "T1w"),
          "ceT1w": ("anat", "gadolinium", "T1w"), "dwi": ("dwi", None, "dwi")}
@@ -202,3 +204,109 @@ def format_scores(scores: dict) -> str:
             lines.append(f"lesion status not scored: the run lacks {', '.join(sc['sessions_missing'])} "
                          "(the truth's statuses compare each visit with the one before it)")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- against a rater's masks
+class EvaluateError(ValueError):
+    """Reference masks that cannot be compared; the message names the file."""
+
+
+REFERENCE_COLUMNS = ["participant_id", "session_id", "dice", "precision", "recall", "f1",
+                     "n_reference", "n_lesiontrack", "reference_mm3", "lesiontrack_mm3", "volume_rel_error"]
+
+
+def _reference_mask(masks_dir, subject, session) -> Path | None:
+    p = bids.deriv_path(masks_dir, subject, session, "anat", label="lesion", suffix="mask")
+    return p if p.exists() else (p.with_suffix("") if p.with_suffix("").exists() else None)
+
+
+def _scores(ref, ours, spacing, min_volume_mm3) -> dict:
+    det = metrics.lesion_detection(ref, ours, spacing=spacing, min_volume_mm3=min_volume_mm3)
+    vol = metrics.volume_error(ref, ours, spacing)
+    return {"dice": metrics.dice(ref, ours), "precision": det["precision"], "recall": det["recall"],
+            "f1": det["f1"], "n_reference": det["n_truth"], "n_lesiontrack": det["n_pred"],
+            "reference_mm3": vol["truth_mm3"], "lesiontrack_mm3": vol["pred_mm3"], "volume_rel_error": vol["rel"]}
+
+
+def evaluate_against_masks(output_dir, masks_dir, participant_labels=None,
+                           min_volume_mm3: float = 10.0) -> tuple[pd.DataFrame, list[str]]:
+    """Score a run's native-space lesion masks against reference masks (a rater's, or
+    another tool's) laid out like ``--lesion-masks``:
+    ``MASKS_DIR/sub-<s>/ses-<t>/anat/sub-<s>_ses-<t>_label-lesion_mask.nii[.gz]``, on the
+    grid of the session's reference image (FLAIR, else T2w), as the run's
+    ``label-lesion_mask`` is.
+
+    Returns
+    -------
+    table : DataFrame
+        One row per session with a reference (:data:`REFERENCE_COLUMNS`: voxel Dice,
+        lesion-wise precision / recall / F1 over lesions of at least ``min_volume_mm3``,
+        the lesion counts and volumes, the relative volume error), then one row per
+        subject and one for all (``session_id`` ``all``) pooled over their sessions: Dice
+        over all voxels, lesion-wise counts summed.
+    notes : list of str
+        Sessions of the run without a reference mask (not scored).
+
+    Raises
+    ------
+    EvaluateError
+        A reference mask whose grid differs from the run's native mask, or no session
+        to score at all.
+    """
+    out = Path(output_dir)
+    subjects = ([bids._label(s, "sub-") for s in participant_labels] if participant_labels
+                else sorted(p.name[4:] for p in out.glob("sub-*") if p.is_dir()))
+    rows, notes, pooled = [], [], {}
+    for sub in subjects:
+        for ses_dir in sorted((out / f"sub-{sub}").glob("ses-*")):
+            ses = ses_dir.name[4:]
+            ours_path = ses_dir / "anat" / f"sub-{sub}_ses-{ses}_label-lesion_mask.nii.gz"
+            if not ours_path.exists():
+                continue
+            ref_path = _reference_mask(masks_dir, sub, ses)
+            if ref_path is None:
+                notes.append(f"sub-{sub} ses-{ses}: no reference mask in {masks_dir}; not scored")
+                continue
+            ours = load_image(ours_path, is_label=True, allow_constant=True)
+            ref = load_image(ref_path, is_label=True, allow_constant=True)
+            if ref.shape != ours.shape or not np.allclose(ref.affine, ours.affine, atol=1e-3):
+                raise EvaluateError(
+                    f"{ref_path}: grid {ref.shape} differs from that of the run's {ours_path.name} "
+                    f"{ours.shape} (affines differ by up to {np.abs(ref.affine - ours.affine).max():.3g} mm): "
+                    "a reference mask must lie on the grid of the session's FLAIR (else T2w) file")
+            r, o = ref.data > 0, ours.data > 0
+            spacing = ours.spacing
+            rows.append({"participant_id": f"sub-{sub}", "session_id": f"ses-{ses}",
+                         **_scores(r, o, spacing, min_volume_mm3)})
+            pooled.setdefault(sub, []).append((r, o, spacing))
+    if not rows:
+        raise EvaluateError(f"{masks_dir}: no reference mask matches a session of {out} "
+                            "(expected sub-<s>/ses-<t>/anat/sub-<s>_ses-<t>_label-lesion_mask.nii.gz)")
+    per = pd.DataFrame(rows, columns=REFERENCE_COLUMNS)
+    summary = []
+    for label, group in [(f"sub-{s}", pooled[s]) for s in pooled] + [("all", sum(pooled.values(), []))]:
+        if label != "all" and len(group) == 1 or label == "all" and len(pooled) == 1:
+            continue
+        inter = sum(int(np.count_nonzero(r & o)) for r, o, _ in group)
+        total = sum(int(np.count_nonzero(r)) + int(np.count_nonzero(o)) for r, o, _ in group)
+        dets = [metrics.lesion_detection(r, o, spacing=sp, min_volume_mm3=min_volume_mm3) for r, o, sp in group]
+        n_t, n_p = sum(d["n_truth"] for d in dets), sum(d["n_pred"] for d in dets)
+        tp_t, tp_p, fp = (sum(d[k] for d in dets) for k in ("tp_truth", "tp_pred", "fp"))
+        prec = tp_p / (tp_p + fp) if tp_p + fp else 1.0
+        rec = tp_t / n_t if n_t else 1.0
+        ref_mm3 = float(per.loc[per["participant_id"].eq(label) | (label == "all"), "reference_mm3"].sum())
+        our_mm3 = float(per.loc[per["participant_id"].eq(label) | (label == "all"), "lesiontrack_mm3"].sum())
+        summary.append({"participant_id": label, "session_id": "all",
+                        "dice": 2 * inter / total if total else 1.0, "precision": prec, "recall": rec,
+                        "f1": 2 * prec * rec / (prec + rec) if prec + rec else 0.0,
+                        "n_reference": n_t, "n_lesiontrack": n_p, "reference_mm3": ref_mm3,
+                        "lesiontrack_mm3": our_mm3,
+                        "volume_rel_error": (our_mm3 - ref_mm3) / ref_mm3 if ref_mm3 else float("nan")})
+    table = pd.concat([per, pd.DataFrame(summary, columns=REFERENCE_COLUMNS)], ignore_index=True)
+    return table, notes
+
+
+def format_reference_scores(table: pd.DataFrame, notes: list, min_volume_mm3: float = 10.0) -> str:
+    lines = [f"== lesion masks against the reference masks (native grids; lesion-wise scores over "
+             f"lesions >= {min_volume_mm3:g} mm3)", table.round(3).to_string(index=False)]
+    return "\n".join(lines + notes)

@@ -113,6 +113,19 @@ def test_real_crosssectional_patient_without_flair(tmp_path):
     print(f"sub-p19 without FLAIR: Dice {d:.3f}, lesion F1 {det['f1']:.3f}, volume error {vol['rel']:+.3f}")
     assert d >= 0.4
     assert abs(vol["rel"]) <= 0.5
+    # the same scores from `lesiontrack evaluate --reference-masks`, the consensus mask
+    # laid out as a rater's masks
+    from lesiontrack import bids
+    from lesiontrack.evaluate import evaluate_against_masks
+
+    ref = bids.deriv_path(tmp_path / "raters", "p19", "1", "anat", label="lesion", suffix="mask")
+    ref.parent.mkdir(parents=True)
+    shutil.copy(truth_path, ref)
+    table, notes = evaluate_against_masks(out, tmp_path / "raters")
+    (row,) = table.to_dict(orient="records")
+    assert notes == [] and row["session_id"] == "ses-1"
+    assert row["dice"] == pytest.approx(d) and row["f1"] == pytest.approx(det["f1"])
+    assert row["volume_rel_error"] == pytest.approx(vol["rel"])
 
 
 def test_flair_alone_normal_grey_matter_is_no_lesion(phantom, tmp_path):

@@ -372,3 +372,50 @@ def test_inputs_named_with_bids_entities_load_as_the_contract_names(tmp_path):
         np.testing.assert_array_equal(imgs_a[k].data, imgs_b[k].data)
         np.testing.assert_allclose(imgs_a[k].affine, imgs_b[k].affine)
     np.testing.assert_array_equal(maps_a["ADC"].data, maps_b["ADC"].data)
+
+
+def test_evaluate_against_reference_masks(demo_out, tmp_path, capsys):
+    """`lesiontrack evaluate --reference-masks`: each session's native lesion mask scored
+    against a rater's mask on the same grid. The run's own masks as the reference score
+    1; one lesion missing from a reference is one false positive there; a session
+    without a reference is named; a reference on another grid is refused."""
+    from scipy import ndimage as ndi
+
+    ref = tmp_path / "ref"
+    removed = None
+    for ses in ("01", "02", "03"):
+        img = nib.load(demo_out / "sub-01" / f"ses-{ses}" / "anat" / f"sub-01_ses-{ses}_label-lesion_mask.nii.gz")
+        a = np.asanyarray(img.dataobj).copy()
+        if ses == "02":
+            lab, n = ndi.label(a, np.ones((3, 3, 3)))
+            sizes = np.bincount(lab.ravel())[1:]
+            removed = int(np.argmax(sizes)) + 1
+            a[lab == removed] = 0
+            removed_mm3 = sizes[removed - 1] * np.prod(img.header.get_zooms()[:3])
+        p = bids.deriv_path(ref, "01", ses, "anat", label="lesion", suffix="mask")
+        if ses == "03":
+            p = p.with_suffix("")                                  # .nii is read too
+        p.parent.mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(a, img.affine), str(p))
+    assert removed_mm3 >= 10
+    tsv = tmp_path / "scores.tsv"
+    assert main(["evaluate", str(demo_out), "--reference-masks", str(ref), "--tsv", str(tsv)]) == 0
+    printed = capsys.readouterr().out
+    assert "sub-01 ses-04: no reference mask" in printed and "sub-01 ses-05: no reference mask" in printed
+    t = pd.read_csv(tsv, sep="\t").set_index("session_id")
+    assert list(t.index) == ["ses-01", "ses-02", "ses-03", "all"]
+    for ses in ("ses-01", "ses-03"):
+        assert t.loc[ses, "dice"] == 1 and t.loc[ses, "f1"] == 1 and t.loc[ses, "volume_rel_error"] == 0
+    s2 = t.loc["ses-02"]
+    assert s2["recall"] == 1 and s2["n_lesiontrack"] == s2["n_reference"] + 1
+    assert s2["precision"] == pytest.approx(s2["n_reference"] / s2["n_lesiontrack"])
+    assert s2["lesiontrack_mm3"] - s2["reference_mm3"] == pytest.approx(removed_mm3)
+    assert t.loc["all", "n_reference"] == t.loc[["ses-01", "ses-02", "ses-03"], "n_reference"].sum()
+    # a reference on another grid (e.g. drawn on the T1w) is refused, naming the file
+    p = bids.deriv_path(ref, "01", "01", "anat", label="lesion", suffix="mask")
+    nib.save(nib.Nifti1Image(np.zeros((10, 10, 10), np.uint8), np.eye(4)), str(p))
+    assert main(["evaluate", str(demo_out), "--reference-masks", str(ref)]) != 0
+    err = capsys.readouterr().err
+    assert "sub-01_ses-01_label-lesion_mask.nii.gz: grid (10, 10, 10) differs" in err
+    with pytest.raises(SystemExit, match="either a phantom's truth_dir"):
+        main(["evaluate", str(demo_out)])
