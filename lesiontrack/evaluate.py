@@ -302,8 +302,9 @@ def evaluate_against_masks(output_dir, masks_dir, participant_labels=None,
                         "n_reference": n_t, "n_lesiontrack": n_p, "reference_mm3": ref_mm3,
                         "lesiontrack_mm3": our_mm3,
                         "volume_rel_error": (our_mm3 - ref_mm3) / ref_mm3 if ref_mm3 else float("nan")})
-    table = pd.concat([per, pd.DataFrame(summary, columns=REFERENCE_COLUMNS)], ignore_index=True)
-    return table, notes
+    table = pd.concat([per, pd.DataFrame(summary, columns=REFERENCE_COLUMNS)], ignore_index=True) \
+        if summary else per
+    return table.astype({c: int if c.startswith("n_") else float for c in REFERENCE_COLUMNS[2:]}), notes
 
 
 def format_reference_scores(table: pd.DataFrame, notes: list, min_volume_mm3: float = 10.0) -> str:
